@@ -1,0 +1,132 @@
+"""Shared fixtures: start vddktool servers on private sockets and stop them.
+
+Every test that starts a server goes through ``start_server`` so nothing
+outlives its test.  Real NBD clients (nbdinfo, nbdcopy, nbdsh, qemu-img,
+qemu-io) are run as subprocesses; ``nbdsh`` has /usr/bin/python3 in its
+shebang, so it finds python3-libnbd whatever interpreter runs pytest.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Client tools run with Debian's /usr/bin ahead of pyenv's shims.
+CLIENT_ENV = dict(os.environ)
+CLIENT_ENV["PATH"] = "/usr/bin:/bin:" + os.environ.get("PATH", "")
+CLIENT_ENV.setdefault("LIBNBD_DEBUG", "0")
+
+
+def vddktool_cmd(*args):
+    """The command line that runs this checkout's vddktool."""
+    return [sys.executable, "-m", "vddktool"] + list(args)
+
+
+def run(cmd, check=True, timeout=120, input=None, env=None, cwd=None):
+    """subprocess.run with captured text output (3.6 has no capture_output)."""
+    proc = subprocess.run(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        input=input.encode() if isinstance(input, str) else input,
+        timeout=timeout, env=env or CLIENT_ENV, cwd=cwd)
+    proc.stdout = proc.stdout.decode("utf-8", "replace")
+    proc.stderr = proc.stderr.decode("utf-8", "replace")
+    if check and proc.returncode != 0:
+        raise AssertionError("%r exited %d\nstdout: %s\nstderr: %s" % (
+            cmd, proc.returncode, proc.stdout, proc.stderr))
+    return proc
+
+
+def vddktool(*args, **kwargs):
+    """Run vddktool to completion (for --run, --help, errors...)."""
+    kwargs.setdefault("cwd", ROOT)
+    return run(vddktool_cmd(*args), **kwargs)
+
+
+class Server(object):
+    """A vddktool running in the foreground on a Unix socket."""
+
+    def __init__(self, proc, sock, log_path):
+        self.proc = proc
+        self.sock = sock
+        self.log_path = log_path
+
+    @property
+    def uri(self):
+        return "nbd+unix:///?socket=" + self.sock
+
+    def uri_for(self, export):
+        from urllib.parse import quote
+        return "nbd+unix:///%s?socket=%s" % (quote(export, safe=""),
+                                             self.sock)
+
+    @property
+    def qemu_uri(self):
+        return "nbd+unix://?socket=" + self.sock
+
+    def log(self):
+        with open(self.log_path, "r", errors="replace") as f:
+            return f.read()
+
+    def stop(self, sig=signal.SIGTERM, timeout=20):
+        """Stop the server; return its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def wait_for_socket(path, proc, log_path, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(path):
+            return
+        if proc.poll() is not None:
+            with open(log_path) as f:
+                raise AssertionError("server exited %d before listening:\n%s"
+                                     % (proc.returncode, f.read()))
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("server did not create %s" % path)
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """start_server(*args, env=None) -> Server on tmp_path/nbd.sock."""
+    started = []
+
+    def start(*args, **kwargs):
+        sock = str(tmp_path / ("nbd%d.sock" % len(started)))
+        log_path = str(tmp_path / ("server%d.log" % len(started)))
+        env = dict(os.environ)
+        env.update(kwargs.get("env") or {})
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen(
+                vddktool_cmd("-f", "-U", sock, *args), cwd=ROOT,
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                env=env)
+        server = Server(proc, sock, log_path)
+        started.append(server)
+        wait_for_socket(sock, proc, log_path)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def need(tool):
+    """Fail (not skip) when a client the tests rely on is missing: .ci/run
+    installs them all, so a missing one is a set-up bug to see."""
+    path = shutil.which(tool, path=CLIENT_ENV["PATH"])
+    assert path, "%s is not installed (run .ci/run or see README)" % tool
+    return path

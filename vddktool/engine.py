@@ -1,0 +1,317 @@
+"""The one interface between the NBD server and what it serves.
+
+Two levels, after nbdkit's plugin API:
+
+* A ``Backend`` lives for the whole process.  The CLI builds it from the
+  parsed KEY=VALUE parameters, calls ``config_complete`` (validate),
+  ``get_ready`` (before daemonizing: may re-exec), ``after_fork`` (after
+  daemonizing: start threads, load libraries), then ``open`` once per
+  client connection, and ``cleanup`` at exit.
+* An ``Engine`` is one open disk, owned by one connection.  The server
+  only ever calls the methods below; filters wrap an engine and override
+  what they change (see ``FilterEngine``).
+
+All offsets and counts are in bytes.  The server has already checked that
+requests lie inside the disk and respect ``block_size()``.  Engines report
+failure by raising ``EngineError`` (or ``OSError``): its errno is what the
+client sees.
+"""
+
+import errno
+import threading
+
+# Largest request the server accepts: nbdkit's limit.  The NBD reference
+# tester sends 48 MiB, libnbd and qemu at most 32 MiB.
+MAX_REQUEST_SIZE = 64 * 1024 * 1024
+
+# Values of can_fua() and can_cache(), as in nbdkit.
+FUA_NONE, FUA_EMULATE, FUA_NATIVE = 0, 1, 2
+CACHE_NONE, CACHE_EMULATE, CACHE_NATIVE = 0, 1, 2
+
+# Extent flags, the same bits as NBD's base:allocation context.
+EXTENT_HOLE = 1
+EXTENT_ZERO = 2
+
+# Thread models: may the server call one engine from several threads at once?
+PARALLEL = "parallel"
+SERIALIZE_REQUESTS = "serialize_requests"
+
+
+class EngineError(Exception):
+    """A request failed; ``errno`` is what the NBD client is told."""
+
+    def __init__(self, err, message):
+        super().__init__(message)
+        self.errno = err
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+class UsageError(Exception):
+    """A user mistake found before serving: one line, exit status 1."""
+
+
+class Extent(object):
+    __slots__ = ("offset", "length", "flags")
+
+    def __init__(self, offset, length, flags):
+        self.offset = offset
+        self.length = length
+        self.flags = flags
+
+    def __eq__(self, other):
+        return (self.offset, self.length, self.flags) == (
+            other.offset, other.length, other.flags)
+
+    def __repr__(self):
+        return "Extent(%d, %d, %d)" % (self.offset, self.length, self.flags)
+
+
+def errno_of(exc):
+    """The errno to send for an exception raised by an engine."""
+    err = getattr(exc, "errno", None)
+    return err if isinstance(err, int) and err > 0 else errno.EIO
+
+
+class Engine(object):
+    """One open disk.  Subclasses override what they can do.
+
+    The defaults describe a read-only disk with no extents; ``zero`` and
+    ``cache`` have generic fallbacks so an engine need only implement
+    ``pread`` and ``get_size`` to be served.
+    """
+
+    thread_model = PARALLEL
+
+    # --- what the disk is and can do ------------------------------------
+    def get_size(self):
+        raise NotImplementedError
+
+    def block_size(self):
+        """(minimum, preferred, maximum) request sizes in bytes."""
+        return (1, 4096, MAX_REQUEST_SIZE)
+
+    def can_write(self):
+        return False
+
+    def can_flush(self):
+        return False
+
+    def can_fua(self):
+        return FUA_EMULATE if self.can_flush() else FUA_NONE
+
+    def can_trim(self):
+        return False
+
+    def can_zero(self):
+        """True when WRITE_ZEROES may be advertised (native or emulated)."""
+        return self.can_write()
+
+    def can_fast_zero(self):
+        """True only when zero() is always faster than writing zeros."""
+        return False
+
+    def can_extents(self):
+        return False
+
+    def can_cache(self):
+        return CACHE_NONE
+
+    def can_multi_conn(self):
+        """True when writes on one connection are seen by all others after
+        a flush (one shared image, or read-only)."""
+        return False
+
+    def is_rotational(self):
+        return False
+
+    # --- the data path ----------------------------------------------------
+    def pread(self, count, offset):
+        """Return exactly ``count`` bytes (bytes, bytearray or memoryview)."""
+        raise NotImplementedError
+
+    def pread_sparse(self, count, offset):
+        """Like pread, but may say where holes are.
+
+        Returns a list of ``(offset, data)`` pieces in order covering the
+        request; ``data`` is None for a run that reads as zeros.  The server
+        turns None pieces into OFFSET_HOLE chunks.
+        """
+        return [(offset, self.pread(count, offset))]
+
+    def pwrite(self, buf, offset, fua=False):
+        raise EngineError(errno.EPERM, "this disk is read-only")
+
+    def flush(self):
+        pass
+
+    def trim(self, count, offset, fua=False):
+        raise EngineError(errno.EINVAL, "trim is not supported")
+
+    def zero(self, count, offset, may_trim=False, fua=False):
+        """Make the range read as zeros.  The default writes zeros."""
+        chunk = bytes(min(count, 1024 * 1024))
+        view = memoryview(chunk)
+        end = offset + count
+        while offset < end:
+            n = min(len(chunk), end - offset)
+            self.pwrite(view[:n], offset)
+            offset += n
+        if fua:
+            self.flush()
+
+    def extents(self, count, offset, req_one=False):
+        """Return a list of Extent starting at ``offset``, in order, covering
+        at least one byte and at most ``count`` bytes (the server trims)."""
+        return [Extent(offset, count, 0)]
+
+    def cache(self, count, offset):
+        """Prefetch the range.  The default reads it and throws it away."""
+        step = 4 * 1024 * 1024
+        end = offset + count
+        while offset < end:
+            n = min(step, end - offset)
+            self.pread(n, offset)
+            offset += n
+
+    def close(self):
+        pass
+
+
+class FilterEngine(Engine):
+    """An engine that passes everything to ``next`` unless overridden.
+
+    Filters (--filter=NAME) subclass this; a filter changes one behaviour
+    and inherits the rest, so adding one touches nothing else.
+    """
+
+    def __init__(self, next_engine):
+        self.next = next_engine
+        self.thread_model = next_engine.thread_model
+
+    def get_size(self):
+        return self.next.get_size()
+
+    def block_size(self):
+        return self.next.block_size()
+
+    def can_write(self):
+        return self.next.can_write()
+
+    def can_flush(self):
+        return self.next.can_flush()
+
+    def can_fua(self):
+        return self.next.can_fua()
+
+    def can_trim(self):
+        return self.next.can_trim()
+
+    def can_zero(self):
+        return self.next.can_zero()
+
+    def can_fast_zero(self):
+        return self.next.can_fast_zero()
+
+    def can_extents(self):
+        return self.next.can_extents()
+
+    def can_cache(self):
+        return self.next.can_cache()
+
+    def can_multi_conn(self):
+        return self.next.can_multi_conn()
+
+    def is_rotational(self):
+        return self.next.is_rotational()
+
+    def pread(self, count, offset):
+        return self.next.pread(count, offset)
+
+    def pread_sparse(self, count, offset):
+        return self.next.pread_sparse(count, offset)
+
+    def pwrite(self, buf, offset, fua=False):
+        return self.next.pwrite(buf, offset, fua)
+
+    def flush(self):
+        return self.next.flush()
+
+    def trim(self, count, offset, fua=False):
+        return self.next.trim(count, offset, fua)
+
+    def zero(self, count, offset, may_trim=False, fua=False):
+        return self.next.zero(count, offset, may_trim, fua)
+
+    def extents(self, count, offset, req_one=False):
+        return self.next.extents(count, offset, req_one)
+
+    def cache(self, count, offset):
+        return self.next.cache(count, offset)
+
+    def close(self):
+        return self.next.close()
+
+
+class Backend(object):
+    """What the server serves: one per process, opens one Engine per
+    connection.  ``params`` is the dict of parsed KEY=VALUE parameters
+    (see params.py); ``readonly`` is the -r option."""
+
+    name = "?"
+
+    def __init__(self, params, readonly=False):
+        self.params = params
+        self.readonly = readonly
+
+    def config_complete(self):
+        """Check the parameters together; raise UsageError on a mistake."""
+
+    def get_ready(self):
+        """Last step before the server daemonizes (may re-exec)."""
+
+    def after_fork(self):
+        """First step after daemonizing: start threads, initialise libraries."""
+
+    def list_exports(self):
+        """[(name, description)] for NBD_OPT_LIST."""
+        return [("", self.describe(""))]
+
+    def describe(self, export_name):
+        """A one-line description of an export, for NBD_INFO_DESCRIPTION."""
+        return ""
+
+    def open(self, export_name, readonly):
+        """Return an Engine.  Raise EngineError(ENOENT, ...) for an export
+        name this backend does not serve."""
+        raise NotImplementedError
+
+    def cleanup(self):
+        """Called once at exit, after every connection has closed."""
+
+    @classmethod
+    def dump_plugin(cls, params):
+        """Lines of KEY=VALUE for --dump-plugin, backend-specific part."""
+        return []
+
+
+class SerializedEngine(FilterEngine):
+    """Wraps an engine whose thread model forbids concurrent calls."""
+
+    def __init__(self, next_engine):
+        super().__init__(next_engine)
+        self.thread_model = PARALLEL
+        self._lock = threading.Lock()
+        for name in ("pread", "pread_sparse", "pwrite", "flush", "trim",
+                     "zero", "extents", "cache"):
+            setattr(self, name, self._locked(getattr(next_engine, name)))
+
+    def _locked(self, method):
+        lock = self._lock
+
+        def call(*args, **kwargs):
+            with lock:
+                return method(*args, **kwargs)
+        return call

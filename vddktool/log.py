@@ -1,0 +1,85 @@
+"""Messages and debug flags, nbdkit style.
+
+``error``/``warning`` always go out; ``debug`` only with -v.  -D NAME.FLAG=N
+sets integer flags that modules read with ``debug_flag``.  --log chooses
+stderr, syslog or nothing.  Messages never contain secrets: callers pass
+``params.Secret`` objects, whose str() is masked.
+"""
+
+import os
+import sys
+import threading
+
+PROGRAM = "vddktool"
+
+_state = {"verbose": False, "dest": "stderr", "syslog": None}
+_flags = {}
+_lock = threading.Lock()
+
+
+def configure(verbose=False, dest="stderr"):
+    """dest: stderr | syslog | null."""
+    _state["verbose"] = verbose
+    _state["dest"] = dest
+    if dest == "syslog" and _state["syslog"] is None:
+        import syslog
+        syslog.openlog(PROGRAM, syslog.LOG_PID, syslog.LOG_DAEMON)
+        _state["syslog"] = syslog
+
+
+def verbose():
+    return _state["verbose"]
+
+
+def set_debug_flag(name, value):
+    _flags[name] = value
+
+
+def debug_flag(name, default=0):
+    return _flags.get(name, default)
+
+
+def debug_flags():
+    return dict(_flags)
+
+
+def _emit(level, text, syslog_priority):
+    dest = _state["dest"]
+    if dest == "null":
+        return
+    if dest == "syslog":
+        _state["syslog"].syslog(syslog_priority, "%s: %s" % (level, text))
+        return
+    prefix = level + ": " if level else ""
+    line = "%s: %s%s\n" % (PROGRAM, prefix, text)
+    data = line.encode("utf-8", "replace")
+    with _lock:
+        try:
+            os.write(2, data)
+        except OSError:
+            pass
+
+
+def error(fmt, *args):
+    _emit("error", fmt % args if args else fmt, 3)
+
+
+def warning(fmt, *args):
+    _emit("warning", fmt % args if args else fmt, 4)
+
+
+def info(fmt, *args):
+    """Shown only with -v, without the debug: prefix."""
+    if _state["verbose"]:
+        _emit("", fmt % args if args else fmt, 6)
+
+
+def debug(fmt, *args):
+    if _state["verbose"]:
+        _emit("debug", fmt % args if args else fmt, 7)
+
+
+def fatal(fmt, *args):
+    """Print one error line and exit 1 (for user mistakes)."""
+    error(fmt, *args)
+    sys.exit(1)

@@ -1,0 +1,296 @@
+"""Every KEY=VALUE parameter, declared once.
+
+The CLI parses with this table, --help lists it, and the manual test checks
+that every name in it is documented.  A parser takes the text after ``=``
+and returns the value or raises UsageError with a message that says what
+would be accepted.
+"""
+
+import os
+import re
+
+from .engine import UsageError
+
+# ---------------------------------------------------------------------------
+# value parsers
+
+
+def parse_bool(text):
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("is not a boolean (use true or false)")
+
+
+_SIZE_RE = re.compile(r"^\s*([0-9]+)\s*([bkmgtpe]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE_SHIFT = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40,
+               "p": 50, "e": 60}
+
+
+def parse_size(text):
+    """Sizes like nbdkit's: a number of bytes with an optional K, M, G, T,
+    P or E (powers of 1024)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError("is not a size (use a number of bytes, optionally "
+                         "followed by K, M, G or T)")
+    value = int(m.group(1)) << _SIZE_SHIFT[m.group(2).lower()]
+    if value >= 1 << 63:
+        raise ValueError("is too large")
+    return value
+
+
+def parse_port(text):
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError("is not a port number (use 1 to 65535)")
+    return int(text)
+
+
+def parse_string(text):
+    return text
+
+
+def parse_nonempty(text):
+    if not text:
+        raise ValueError("is empty")
+    return text
+
+
+def choice(*names):
+    def parse(text):
+        if text not in names:
+            raise ValueError("is not one of %s" % ", ".join(names))
+        return text
+    parse.choices = names
+    return parse
+
+
+# create-type names and the VixDiskLib disk type numbers they map to.
+CREATE_TYPES = {
+    "monolithic-sparse": 1, "monolithic-flat": 2, "split-sparse": 3,
+    "split-flat": 4, "vmfs-flat": 5, "stream-optimized": 6,
+    "vmfs-thin": 7, "vmfs-sparse": 8,
+}
+
+ADAPTER_TYPES = {"ide": 1, "scsi-buslogic": 2, "scsi-lsilogic": 3}
+
+HWVERSIONS = {
+    "workstation4": 3, "workstation5": 4, "workstation6": 6, "esx30": 4,
+    "esx4x": 7, "esx50": 8, "esx51": 9, "esx55": 10, "esx60": 11,
+    "esx65": 13,
+}
+
+
+def parse_hwversion(text):
+    if text in HWVERSIONS:
+        return HWVERSIONS[text]
+    if text.isdigit() and int(text) <= 0xffff:
+        return int(text)
+    raise ValueError("is not a hardware version (use a name such as "
+                     "workstation5 or esx65, or a number up to 65535)")
+
+
+def parse_create_size(text):
+    size = parse_size(text)
+    if size == 0 or size % 512:
+        raise ValueError("must be a non-zero multiple of 512 bytes")
+    return size
+
+
+_THUMBPRINT_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){19}$")
+
+
+def parse_thumbprint(text):
+    if not _THUMBPRINT_RE.match(text):
+        raise ValueError("is not a SHA-1 thumbprint (use 20 hex digit "
+                         "pairs separated by colons, xx:xx:...:xx)")
+    return text
+
+
+def parse_vm(text):
+    if not text.startswith("moref=") or len(text) == len("moref="):
+        raise ValueError("must have the form moref=ID (for example "
+                         "vm=moref=vm-16)")
+    return text
+
+
+def parse_transports(text):
+    modes = text.split(":")
+    if not all(modes):
+        raise ValueError("must be a colon-separated list of transport "
+                         "modes, such as nbdssl:nbd")
+    return text
+
+
+class Secret(object):
+    """A password or cookie: never printed, never in repr()."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self):
+        return "Secret(***)"
+
+    __str__ = __repr__
+
+
+def read_password(text, interactive_prompt="Password: "):
+    """password=PASSWORD | - (ask) | +FILENAME | -FD, as nbdkit does."""
+    if text == "-":
+        import getpass
+        if not os.isatty(0):
+            raise ValueError("- asks on the terminal, but standard input is "
+                             "not a terminal (use password=+FILENAME or "
+                             "password=-FD)")
+        return Secret(getpass.getpass(interactive_prompt))
+    if text.startswith("+"):
+        path = text[1:]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ValueError("cannot read password file %s: %s"
+                             % (path, e.strerror))
+        return Secret(_strip_newline(data).decode("utf-8", "replace"))
+    if text.startswith("-") and text[1:].isdigit():
+        fd = int(text[1:])
+        if fd <= 2:
+            raise ValueError("file descriptor %d is one of stdin, stdout or "
+                             "stderr (use 3 or higher)" % fd)
+        chunks = []
+        try:
+            while True:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            os.close(fd)
+        except OSError as e:
+            raise ValueError("cannot read the password from file descriptor "
+                             "%d: %s" % (fd, e.strerror))
+        return Secret(_strip_newline(b"".join(chunks)).decode("utf-8",
+                                                              "replace"))
+    return Secret(text)
+
+
+def _strip_newline(data):
+    return data[:-1] if data.endswith(b"\n") else data
+
+
+def parse_cookie(text):
+    return Secret(text)
+
+
+# ---------------------------------------------------------------------------
+# the table
+
+
+class Param(object):
+    __slots__ = ("name", "parse", "default", "metavar", "summary", "group")
+
+    def __init__(self, name, parse, default, metavar, summary, group):
+        self.name = name
+        self.parse = parse
+        self.default = default
+        self.metavar = metavar
+        self.summary = summary
+        self.group = group
+
+
+# group: "disk" applies to every backend; "create" to create=true;
+# "remote" needs VDDK; "vddk" is VDDK-specific but also local.
+PARAMS = [
+    Param("file", parse_nonempty, None, "FILENAME",
+          "the VMDK to serve: an absolute local path, or "
+          "'[datastore] dir/name.vmdk' on a remote server", "disk"),
+    Param("export", parse_nonempty, None, "WILDCARD",
+          "remote only: let the client choose the file by export name, "
+          "if it matches WILDCARD", "remote"),
+    Param("backend", choice("auto", "vddk", "native"), "auto",
+          "auto|vddk|native",
+          "the disk engine: VDDK when its library is found, else native",
+          "disk"),
+    Param("single-link", parse_bool, False, "true",
+          "open only this link of a snapshot chain", "disk"),
+    Param("create", parse_bool, False, "true",
+          "create a new local VMDK (the file must not exist)", "create"),
+    Param("create-size", parse_create_size, None, "SIZE",
+          "virtual size of the created disk (multiple of 512)", "create"),
+    Param("create-type", choice(*CREATE_TYPES), "monolithic-sparse",
+          "|".join(CREATE_TYPES), "sub-format of the created disk",
+          "create"),
+    Param("create-adapter-type", choice(*ADAPTER_TYPES), "scsi-buslogic",
+          "|".join(ADAPTER_TYPES), "adapter type written to the descriptor",
+          "create"),
+    Param("create-hwversion", parse_hwversion, HWVERSIONS["workstation5"],
+          "NAME|N", "virtual hardware version written to the descriptor",
+          "create"),
+    Param("libdir", parse_nonempty, None, "PATHNAME",
+          "where VDDK is unpacked", "vddk"),
+    Param("config", parse_nonempty, None, "FILENAME",
+          "VDDK configuration file", "vddk"),
+    Param("unbuffered", parse_bool, False, "true",
+          "open with VIXDISKLIB_FLAG_OPEN_UNBUFFERED (no host cache)",
+          "vddk"),
+    Param("compression", choice("none", "zlib", "fastlz", "skipz"), "none",
+          "none|zlib|fastlz|skipz", "network compression (remote)",
+          "remote"),
+    Param("cookie", parse_cookie, None, "COOKIE",
+          "vmware_soap_session cookie of an existing session", "remote"),
+    Param("nfchostport", parse_port, None, "PORT",
+          "NFC port on ESXi (default 902)", "remote"),
+    Param("password", read_password, None,
+          "PASSWORD|-|+FILENAME|-FD", "password of the remote user",
+          "remote"),
+    Param("port", parse_port, None, "PORT",
+          "HTTPS port of vCenter or ESXi (default 443)", "remote"),
+    Param("server", parse_nonempty, None, "HOSTNAME",
+          "vCenter or ESXi host name or address", "remote"),
+    Param("snapshot", parse_nonempty, None, "MOREF",
+          "managed object reference of a snapshot", "remote"),
+    Param("thumbprint", parse_thumbprint, None, "xx:xx:...:xx",
+          "SHA-1 thumbprint of the server's certificate", "remote"),
+    Param("transports", parse_transports, None, "MODE:MODE:...",
+          "transport modes to try, such as nbdssl:nbd", "remote"),
+    Param("user", parse_nonempty, None, "USERNAME", "remote user name",
+          "remote"),
+    Param("vm", parse_vm, None, "moref=ID",
+          "managed object reference of the virtual machine", "remote"),
+    Param("vimapiver", parse_string, None, "APIVER",
+          "accepted and ignored, for old command lines", "remote"),
+]
+
+BY_NAME = dict((p.name, p) for p in PARAMS)
+
+# The first bare word on the command line (no '=') is file=.
+MAGIC_PARAM = "file"
+
+REMOTE_PARAMS = ("server", "thumbprint", "user", "password", "cookie", "vm",
+                 "snapshot", "port", "nfchostport", "compression",
+                 "transports", "export")
+
+
+def defaults():
+    return dict((p.name, p.default) for p in PARAMS)
+
+
+def parse_assignment(name, text):
+    """Parse one KEY=VALUE; raise UsageError naming the parameter."""
+    param = BY_NAME.get(name)
+    if param is None:
+        raise UsageError("unknown parameter %r (see --help for the list of "
+                         "parameters)" % name)
+    try:
+        return param.parse(text)
+    except ValueError as e:
+        shown = "***" if name in ("password", "cookie") else text
+        raise UsageError("%s: %r %s" % (name, shown, e))
+
+
+def is_remote(values):
+    """True when the parameters describe a remote (ESXi/vCenter) disk."""
+    return values.get("server") is not None or values.get("export") is not None
