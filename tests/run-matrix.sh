@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Run the whole test suite on every CPython from 3.6 to 3.13 that pyenv
+# holds (or on python3 alone when there is no pyenv), installing first what
+# the tests need: Debian's NBD clients and qemu tools, gcc, and pytest in one
+# venv per interpreter (.venvs/pyX.Y).  Extra arguments go to pytest.
+#
+#   tests/run-matrix.sh                 # everything
+#   PYTHONS="3.6 3.13" tests/run-matrix.sh -k manual
+set -u
+cd "$(dirname "$0")/.."
+top=$PWD
+
+# --- system packages -------------------------------------------------------
+debs="libnbd-bin python3-libnbd qemu-utils nbdkit gcc libc6-dev perl"
+missing=""
+for p in $debs; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" ||
+        missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    echo "installing:$missing"
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $missing \
+        >/dev/null || { echo "apt-get install failed"; exit 1; }
+fi
+
+# --- interpreters ----------------------------------------------------------
+pythons=()
+if [ -n "${PYTHONS:-}" ]; then
+    for v in $PYTHONS; do pythons+=("$v"); done
+elif command -v pyenv >/dev/null 2>&1; then
+    for v in $(pyenv versions --bare | grep -E '^3\.(6|7|8|9|10|11|12|13)\.' | sort -V); do
+        pythons+=("${v%.*}")
+    done
+fi
+[ ${#pythons[@]} -gt 0 ] || pythons=("$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')")
+
+interpreter() {  # X.Y -> path of that CPython
+    local v=$1 full
+    if command -v pyenv >/dev/null 2>&1; then
+        full=$(pyenv versions --bare | grep -E "^${v//./\\.}\.[0-9]+$" | sort -V | tail -1)
+        [ -n "$full" ] && { echo "$(pyenv root)/versions/$full/bin/python$v"; return; }
+    fi
+    command -v "python$v"
+}
+
+make_venv() {  # X.Y -> venv dir with pytest
+    local v=$1 dir=$top/.venvs/py$1 py
+    if [ ! -x "$dir/bin/pytest" ]; then
+        py=$(interpreter "$v") || { echo "no python$v" >&2; return 1; }
+        "$py" -m venv "$dir" || return 1
+        if [ "$v" = 3.6 ]; then
+            # 3.6's bundled pip would pick wheels it cannot use.
+            "$dir/bin/pip" install -q -U 'pip<22' &&
+            "$dir/bin/pip" install -q 'pytest<7.1' || return 1
+        else
+            "$dir/bin/pip" install -q -U pip >/dev/null 2>&1
+            "$dir/bin/pip" install -q pytest || return 1
+        fi
+    fi
+    echo "$dir"
+}
+
+results=$(mktemp -d)
+status=0
+for v in "${pythons[@]}"; do
+    echo "=== Python $v ==="
+    venv=$(make_venv "$v") || { echo "cannot set up Python $v"; status=1; continue; }
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+        --junitxml="$results/py$v.xml" "$@"
+    rc=$?
+    [ $rc = 0 ] || status=1
+done
+
+# One closing line for the whole matrix.
+python3 - "$results" <<'PY'
+import glob, sys, xml.etree.ElementTree as ET
+passed = failed = skipped = 0
+for path in glob.glob(sys.argv[1] + "/*.xml"):
+    root = ET.parse(path).getroot()
+    for suite in ([root] if root.tag == "testsuite" else root):
+        t, f, e, s = (int(suite.get(k, 0)) for k in
+                      ("tests", "failures", "errors", "skipped"))
+        passed += t - f - e - s
+        failed += f + e
+        skipped += s
+print("matrix: %d passed, %d failed, %d skipped" % (passed, failed, skipped))
+PY
+rm -rf "$results"
+exit $status
