@@ -1,0 +1,153 @@
+"""The parameter table: parsers accept what nbdkit's VDDK plugin accepts and
+refuse the rest with a message naming the parameter."""
+
+import os
+
+import pytest
+
+from vddktool import params
+from vddktool.engine import UsageError
+
+
+@pytest.mark.parametrize("text,value", [
+    ("512", 512), ("1K", 1024), ("1k", 1024), ("100M", 100 << 20),
+    ("2G", 2 << 30), ("1T", 1 << 40), ("3MiB", 3 << 20), ("4KB", 4096),
+    (" 8M ", 8 << 20),
+])
+def test_sizes(text, value):
+    assert params.parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "12Q", "-1", "1.5G", "M", "1 0"])
+def test_bad_sizes(text):
+    with pytest.raises(ValueError):
+        params.parse_size(text)
+
+
+def test_create_size_must_be_whole_sectors():
+    assert params.parse_create_size("1M") == 1 << 20
+    with pytest.raises(UsageError) as e:
+        params.parse_assignment("create-size", "1000")
+    assert str(e.value).startswith("create-size: '1000'")
+    assert "multiple of 512" in str(e.value)
+
+
+@pytest.mark.parametrize("text,value", [
+    ("true", True), ("1", True), ("yes", True), ("on", True),
+    ("false", False), ("0", False), ("no", False), ("off", False)])
+def test_booleans(text, value):
+    assert params.parse_bool(text) is value
+
+
+def test_bad_boolean_names_the_parameter():
+    with pytest.raises(UsageError) as e:
+        params.parse_assignment("single-link", "maybe")
+    assert str(e.value).startswith("single-link:")
+
+
+def test_hwversion_names_and_numbers():
+    assert params.parse_hwversion("workstation5") == 4
+    assert params.parse_hwversion("esx65") == 13
+    assert params.parse_hwversion("21") == 21
+    with pytest.raises(ValueError):
+        params.parse_hwversion("esx99")
+    with pytest.raises(ValueError):
+        params.parse_hwversion("70000")
+
+
+def test_thumbprint_is_twenty_hex_pairs():
+    good = ":".join(["ab"] * 20)
+    assert params.parse_thumbprint(good) == good
+    for bad in (":".join(["ab"] * 19), ":".join(["zz"] * 20), "12",
+                good + ":00", good.replace(":", "")):
+        with pytest.raises(ValueError):
+            params.parse_thumbprint(bad)
+
+
+def test_vm_needs_moref_prefix():
+    assert params.parse_vm("moref=vm-16") == "moref=vm-16"
+    for bad in ("vm-16", "moref="):
+        with pytest.raises(ValueError):
+            params.parse_vm(bad)
+
+
+def test_transports_are_a_colon_list():
+    assert params.parse_transports("nbdssl:nbd") == "nbdssl:nbd"
+    with pytest.raises(ValueError):
+        params.parse_transports("nbd::san")
+
+
+def test_choices_are_listed_in_the_error():
+    with pytest.raises(UsageError) as e:
+        params.parse_assignment("create-type", "qcow2")
+    assert "monolithic-sparse" in str(e.value)
+    assert "vmfs-sparse" in str(e.value)
+
+
+def test_unknown_parameter():
+    with pytest.raises(UsageError) as e:
+        params.parse_assignment("sever", "x")
+    assert "'sever'" in str(e.value)
+
+
+def test_password_literal_is_hidden_from_repr():
+    secret = params.parse_assignment("password", "hunter2")
+    assert secret.value == "hunter2"
+    assert "hunter2" not in repr(secret) and "hunter2" not in str(secret)
+
+
+def test_password_from_file_drops_one_newline(tmp_path):
+    path = tmp_path / "pw"
+    path.write_bytes(b"s3cret\n")
+    assert params.parse_assignment("password", "+" + str(path)).value == \
+        "s3cret"
+
+
+def test_password_from_missing_file_does_not_echo_anything_secret(tmp_path):
+    with pytest.raises(UsageError) as e:
+        params.parse_assignment("password", "+" + str(tmp_path / "nope"))
+    assert str(e.value).startswith("password:")
+    assert "nope" in str(e.value)
+
+
+def test_password_from_fd():
+    r, w = os.pipe()
+    os.write(w, b"from-a-pipe\n")
+    os.close(w)
+    assert params.parse_assignment("password", "-%d" % r).value == \
+        "from-a-pipe"
+    with pytest.raises(OSError):
+        os.fstat(r)  # read to the end and closed
+
+
+def test_password_fd_of_stdio_is_refused():
+    with pytest.raises(UsageError) as e:
+        params.parse_assignment("password", "-0")
+    assert "3 or higher" in str(e.value)
+
+
+def test_interactive_password_needs_a_terminal(monkeypatch):
+    monkeypatch.setattr(os, "isatty", lambda fd: False)
+    with pytest.raises(UsageError) as e:
+        params.parse_assignment("password", "-")
+    assert "terminal" in str(e.value)
+
+
+def test_every_parameter_of_the_seed_is_declared():
+    seed = {"file", "export", "compression", "config", "cookie", "create",
+            "create-adapter-type", "create-hwversion", "create-size",
+            "create-type", "libdir", "nfchostport", "password", "port",
+            "server", "single-link", "snapshot", "thumbprint", "transports",
+            "unbuffered", "user", "vm", "vimapiver"}
+    assert seed <= set(params.BY_NAME)
+
+
+def test_every_parameter_has_a_summary_and_metavar():
+    for p in params.PARAMS:
+        assert p.summary and p.metavar, p.name
+
+
+def test_remote_is_told_by_server_or_export():
+    assert params.is_remote({"server": "esxi"})
+    assert params.is_remote({"export": "*"})
+    assert not params.is_remote({"file": "/x.vmdk"})
