@@ -1,0 +1,214 @@
+"""Fake VDDK set-ups for tests: ``from fake_vddk.fixtures import fake_vddk``.
+
+A FakeVddk lays out a libdir holding the fake libvixDiskLib.so.N, a place
+for "remote" datastores, and the environment that steers the fake.  Pass
+``fake.env`` to ``start_server(..., env=fake.env)`` (or set it in
+os.environ for in-process ctypes tests); the fake reads it at each call.
+
+What the environment does (see fake_vixdisklib.c):
+  FAKE_VDDK_RECORD=PATH        one line per call; ``calls()`` parses them
+  FAKE_VDDK_REMOTE_ROOT=DIR    "[ds] dir/f.vmdk" is DIR/ds/dir/f.vmdk
+  FAKE_VDDK_EXPECT_<FIELD>=V   ConnectEx fails unless FIELD was V; FIELD is
+                               SERVER THUMBPRINT USER PASSWORD COOKIE VM
+                               SNAPSHOT TRANSPORTS PORT NFCHOSTPORT
+  FAKE_VDDK_FAIL_READ_AT=N     reads covering byte N fail
+  FAKE_VDDK_FAIL_WRITE_AT=N    writes covering byte N fail
+  FAKE_VDDK_FAIL_OPEN=1        Open fails with VDDK's "Error 1"
+"""
+
+import ctypes
+import os
+import re
+
+import pytest
+
+from .build import build
+
+# The fields each recorded line carries, in the order the fake writes them.
+RECORD_FIELDS = {
+    "InitEx": ("major", "minor", "libdir", "config"),
+    "ConnectEx": ("readOnly", "snapshot", "transports", "params", "vmxSpec",
+                  "serverName", "thumbPrint", "userName", "password",
+                  "cookie", "port", "nfcHostPort", "credType"),
+    "Open": ("path", "flags"),
+    "Create": ("path", "params", "diskType", "adapterType", "hwVersion",
+               "capacity"),
+    "Read": ("sector", "count"),
+    "Write": ("sector", "count"),
+    "ReadAsync": ("sector", "count"),
+    "WriteAsync": ("sector", "count"),
+    "QueryAllocatedBlocks": ("start", "count", "chunk"),
+}
+
+# Values may hold spaces ("[ds] dir/f.vmdk"), so each call's line is
+# matched against its own field list rather than split on blanks.
+_LINE_PATTERNS = dict(
+    (name, re.compile(
+        re.escape(name)
+        + "".join(r" %s=(?P<%s>.*?)" % (field, field) for field in fields)
+        + "$"))
+    for name, fields in RECORD_FIELDS.items())
+
+
+class Call(object):
+    """One recorded library call: ``call.name`` and ``call["field"]``
+    (a str, or None where the fake saw a NULL pointer)."""
+
+    def __init__(self, name, fields):
+        self.name = name
+        self.fields = fields
+
+    def __getitem__(self, field):
+        return self.fields[field]
+
+    def number(self, field):
+        return int(self.fields[field])
+
+    def raw(self, field):
+        """The bytes of a hex-dumped structure (ConnectEx/Create params)."""
+        return bytes.fromhex(self.fields[field])
+
+    def __repr__(self):
+        return "Call(%r, %r)" % (self.name, self.fields)
+
+
+def parse_record_line(line):
+    name = line.split(" ", 1)[0]
+    pattern = _LINE_PATTERNS.get(name)
+    if pattern is None:
+        return Call(name, {})
+    match = pattern.match(line)
+    assert match, "fake VDDK record line not understood: %r" % line
+    fields = dict((key, None if value == "(null)" else value)
+                  for key, value in match.groupdict().items())
+    return Call(name, fields)
+
+
+class FakeVddk(object):
+    """A fake VDDK installation under ``root`` and the knobs of the fake."""
+
+    def __init__(self, root, major=8, optional=True, subdir="lib64"):
+        root = str(root)
+        self.major = major
+        self.optional = optional
+        self.libdir = os.path.join(root, "vmware-vix-disklib-distrib")
+        self.library = build(self.libdir, major, optional, subdir)
+        self.record_path = os.path.join(root, "vddk-calls.txt")
+        self.remote_root = os.path.join(root, "datastores")
+        self.disk_dir = os.path.join(root, "disks")
+        for directory in (self.remote_root, self.disk_dir):
+            if not os.path.isdir(directory):
+                os.makedirs(directory)
+        self.env = {
+            "FAKE_VDDK_RECORD": self.record_path,
+            "FAKE_VDDK_REMOTE_ROOT": self.remote_root,
+        }
+
+    # -- steering the fake
+
+    def expect(self, **fields):
+        """ConnectEx will insist on these values, e.g. expect(port=902,
+        user="root", vm="moref=vm-16")."""
+        for field, value in fields.items():
+            self.env["FAKE_VDDK_EXPECT_" + field.upper()] = str(value)
+
+    def fail_read_at(self, offset):
+        self.env["FAKE_VDDK_FAIL_READ_AT"] = str(offset)
+
+    def fail_write_at(self, offset):
+        self.env["FAKE_VDDK_FAIL_WRITE_AT"] = str(offset)
+
+    def fail_open(self):
+        self.env["FAKE_VDDK_FAIL_OPEN"] = "1"
+
+    # -- disks
+
+    def local_disk(self, name="disk.raw", size=1024 * 1024, data=None):
+        """A raw file served through a local connection; its path."""
+        return _write_disk(os.path.join(self.disk_dir, name), size, data)
+
+    def remote_disk(self, datastore="datastore1", path="vm/vm.vmdk",
+                    size=1024 * 1024, data=None):
+        """A disk reachable as "[datastore] path" remotely; that name."""
+        _write_disk(os.path.join(self.remote_root, datastore, path),
+                    size, data)
+        return "[%s] %s" % (datastore, path)
+
+    def remote_file(self, vddk_path):
+        """The file behind a remote "[ds] path" name."""
+        datastore, rest = re.match(r"\[(.*?)\] *(.*)$", vddk_path).groups()
+        return os.path.join(self.remote_root, datastore, rest)
+
+    # -- what the fake saw
+
+    def calls(self, name=None):
+        """Recorded calls in order, all or those of one function."""
+        if not os.path.exists(self.record_path):
+            return []
+        with open(self.record_path) as f:
+            calls = [parse_record_line(line.rstrip("\n"))
+                     for line in f if line.strip()]
+        return [c for c in calls if name is None or c.name == name]
+
+    def call_names(self):
+        return [c.name for c in self.calls()]
+
+    def forget_calls(self):
+        if os.path.exists(self.record_path):
+            os.unlink(self.record_path)
+
+
+def _write_disk(path, size, data):
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        os.makedirs(directory)
+    with open(path, "wb") as f:
+        if data is not None:
+            f.write(data)
+        if size is not None:
+            # A sparse tail: holes are what QueryAllocatedBlocks reports.
+            f.truncate(max(size, len(data or b"")))
+    return path
+
+
+def load_helpers(library_path):
+    """The fake's test-only exports, through ctypes in this process."""
+    dll = ctypes.CDLL(library_path)
+    dll.fake_vddk_layout.restype = ctypes.c_char_p
+    dll.fake_vddk_layout.argtypes = []
+    dll.fake_vddk_outstanding.restype = ctypes.c_int
+    dll.fake_vddk_outstanding.argtypes = []
+    return dll
+
+
+def compiled_layout(library_path):
+    """{"Struct": size, "Struct.field": (offset, size)} as gcc laid out
+    the fake's structures."""
+    text = load_helpers(library_path).fake_vddk_layout().decode()
+    layout = {}
+    for line in text.splitlines():
+        key, value = line.split("=", 1)
+        numbers = tuple(int(n) for n in value.split())
+        layout[key] = numbers[0] if len(numbers) == 1 else numbers
+    return layout
+
+
+@pytest.fixture
+def fake_vddk(tmp_path):
+    """A fake VDDK 8 with every optional function."""
+    return FakeVddk(tmp_path / "fake-vddk")
+
+
+@pytest.fixture
+def make_fake_vddk(tmp_path):
+    """make_fake_vddk(major=8, optional=True, subdir="lib64") for other
+    variants; each call gets its own directory."""
+    made = []
+
+    def make(major=8, optional=True, subdir="lib64"):
+        root = tmp_path / ("fake-vddk-%d" % len(made))
+        fake = FakeVddk(root, major, optional, subdir)
+        made.append(fake)
+        return fake
+
+    return make
