@@ -1,0 +1,214 @@
+"""backend=native: serve a local VMDK with the pure-Python engine.
+
+One Disk is opened for the whole process and shared by every connection,
+so writes seen by one client are seen by all (multi-conn is safe) and
+sparse allocation is serialized by the disk's lock.
+"""
+
+import errno
+import os
+import threading
+
+from .. import log
+from ..engine import (CACHE_EMULATE, MAX_REQUEST_SIZE, Backend, Engine,
+                      EngineError, EXTENT_HOLE, EXTENT_ZERO, Extent,
+                      UsageError)
+from .disk import Disk
+from .extent import DATA, VmdkError
+
+
+def _engine_error(exc):
+    return EngineError(errno.EIO, str(exc))
+
+
+class NativeEngine(Engine):
+    """One connection's view of the shared disk."""
+
+    def __init__(self, disk, readonly):
+        self.disk = disk
+        self.readonly = readonly
+
+    def get_size(self):
+        return self.disk.size
+
+    def block_size(self):
+        return (1, self.disk.preferred_block_size, MAX_REQUEST_SIZE)
+
+    def can_write(self):
+        return not self.readonly and self.disk.writable
+
+    def can_flush(self):
+        return True
+
+    def can_trim(self):
+        return self.can_write()
+
+    def can_zero(self):
+        return self.can_write()
+
+    def can_extents(self):
+        return True
+
+    def can_cache(self):
+        return CACHE_EMULATE
+
+    def can_multi_conn(self):
+        return True
+
+    def pread(self, count, offset):
+        pieces = self.pread_sparse(count, offset)
+        if len(pieces) == 1 and pieces[0][1] is not None:
+            return pieces[0][1]
+        out = bytearray(count)
+        for pos, data in pieces:
+            if data is not None:
+                out[pos - offset:pos - offset + len(data)] = data
+        return out
+
+    def pread_sparse(self, count, offset):
+        try:
+            return self.disk.read(offset, count)
+        except VmdkError as e:
+            raise _engine_error(e)
+
+    def pwrite(self, buf, offset, fua=False):
+        self._check_writable()
+        try:
+            self.disk.write(offset, buf)
+            if fua:
+                self.disk.flush()
+        except VmdkError as e:
+            raise _engine_error(e)
+
+    def zero(self, count, offset, may_trim=False, fua=False):
+        self._check_writable()
+        try:
+            self.disk.zero(offset, count, may_trim)
+            if fua:
+                self.disk.flush()
+        except VmdkError as e:
+            raise _engine_error(e)
+
+    def trim(self, count, offset, fua=False):
+        self._check_writable()
+        try:
+            self.disk.trim(offset, count)
+            if fua:
+                self.disk.flush()
+        except VmdkError as e:
+            raise _engine_error(e)
+
+    def flush(self):
+        try:
+            self.disk.flush()
+        except VmdkError as e:
+            raise _engine_error(e)
+
+    def extents(self, count, offset, req_one=False):
+        try:
+            runs = self.disk.map(offset, count)
+        except VmdkError as e:
+            raise _engine_error(e)
+        result = []
+        pos = offset
+        for length, state in runs:
+            flags = 0 if state is DATA else EXTENT_HOLE | EXTENT_ZERO
+            if result and result[-1].flags == flags:
+                result[-1].length += length
+            else:
+                if req_one and result:
+                    break
+                result.append(Extent(pos, length, flags))
+            pos += length
+        return result
+
+    def _check_writable(self):
+        if not self.can_write():
+            raise EngineError(errno.EPERM, "this disk is read-only")
+
+
+class NativeBackend(Backend):
+    name = "native"
+
+    def __init__(self, params, readonly=False):
+        super().__init__(params, readonly)
+        self.disk = None
+        self._open_lock = threading.Lock()
+
+    @property
+    def path(self):
+        return self.params.get("file")
+
+    def config_complete(self):
+        path = self.path
+        if not path:
+            raise UsageError("file: no disk was given (add "
+                             "file=/absolute/path/to/disk.vmdk)")
+        if not os.path.isabs(path):
+            raise UsageError("file: %s is not an absolute path (local disks "
+                             "need one, such as %s)"
+                             % (path, os.path.abspath(path)))
+        if self.params.get("create"):
+            self._check_create()
+        elif not os.path.exists(path):
+            raise UsageError("file: %s does not exist (check the path, or "
+                             "add create=true create-size=SIZE to make a "
+                             "new disk)" % path)
+        elif os.path.isdir(path):
+            raise UsageError("file: %s is a directory (name the .vmdk "
+                             "descriptor file)" % path)
+
+    def _check_create(self):
+        from .create import check_create
+        check_create(self.path, self.params)
+
+    def get_ready(self):
+        """Create and open the disk before daemonizing, so a damaged file
+        is reported on the terminal with exit status 1."""
+        if self.params.get("create"):
+            from .create import create_from_params
+            try:
+                create_from_params(self.path, self.params)
+            except (VmdkError, OSError) as e:
+                raise UsageError("create: cannot create %s: %s" % (
+                    self.path, getattr(e, "strerror", None) or e))
+        self._ensure_open()
+
+    def after_fork(self):
+        self._ensure_open()
+
+    def _ensure_open(self):
+        with self._open_lock:
+            if self.disk is not None:
+                return self.disk
+            try:
+                self.disk = Disk(self.path, writable=not self.readonly,
+                                 single_link=bool(self.params.get(
+                                     "single-link")))
+            except VmdkError as e:
+                raise UsageError("file: %s" % e)
+            except OSError as e:
+                raise UsageError("file: %s: %s" % (self.path, e.strerror))
+            log.debug("native: opened %s, %d bytes, %d extent(s)%s",
+                      self.disk.describe(), self.disk.size,
+                      len(self.disk.extents),
+                      ", with parents" if self.disk.parent else "")
+            return self.disk
+
+    def describe(self, export_name):
+        if self.disk is not None:
+            return self.disk.describe()
+        return "VMDK %s" % self.path
+
+    def open(self, export_name, readonly):
+        try:
+            disk = self._ensure_open()
+        except UsageError as e:
+            raise EngineError(errno.EIO, str(e))
+        return NativeEngine(disk, readonly or self.readonly)
+
+    def cleanup(self):
+        with self._open_lock:
+            if self.disk is not None:
+                self.disk.close()
+                self.disk = None
