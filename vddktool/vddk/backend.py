@@ -19,7 +19,7 @@ from ..engine import (EXTENT_HOLE, EXTENT_ZERO, FUA_EMULATE, MAX_REQUEST_SIZE,
 from . import abi
 from .library import (DEFAULT_LIBDIR, PREFIX, Library, find_library,
                       loaded_path, require_library)
-from .reexec import reexec_if_needed
+from .reexec import reexec_if_needed, restore_caller_environment
 from .stats import STATS, now
 from .wildcard import wildcard_matches
 
@@ -268,6 +268,7 @@ class VddkBackend(Backend):
                 self._get("libdir"))
         reexec_if_needed(os.path.dirname(self.library_path), self.params)
         self.lib = Library(self.library_path, self.major)
+        restore_caller_environment()
         log.debug("VDDK library %s (major version %d)", self.library_path,
                   self.major)
         if not self.lib.has("QueryAllocatedBlocks"):

@@ -126,6 +126,21 @@ def reexec_if_needed(library_dir, params):
     os.execve(sys.executable, argv, env)
 
 
+def restore_caller_environment():
+    """Put os.environ back as the user had it, once the library is loaded.
+
+    The dynamic linker read LD_LIBRARY_PATH when this process started and
+    never looks again, so VDDK keeps finding its own libraries, while every
+    child (--run commands above all) gets the caller's environment.
+    """
+    restored = caller_environment()
+    for name in (REEXEC_MARKER, ORIGINAL_LD_LIBRARY_PATH, "LD_LIBRARY_PATH"):
+        if name in restored:
+            os.environ[name] = restored[name]
+        else:
+            os.environ.pop(name, None)
+
+
 def caller_environment(environ=None):
     """The environment as the user started us: what --run commands and
     other children should get.  Undoes reexec_environment."""
