@@ -12,9 +12,9 @@ import struct
 
 import pytest
 
-from fake_vddk.fixtures import compiled_layout, fake_vddk, load_helpers  # noqa: F401
+from fake_vddk.fixtures import (  # noqa: F401 (fixtures)
+    BindingSession, compiled_layout, fake_vddk, session)
 from vddktool.vddk import abi
-from vddktool.vddk.library import Library
 
 POINTER_SIZE = 8
 
@@ -260,46 +260,6 @@ def _offset(path):
     return DOCUMENTED_LAYOUT[path][0]
 
 
-class Session(object):
-    """The binding loaded in this process against a fresh copy of the
-    fake, with the fake's environment set and InitEx done."""
-
-    def __init__(self, fake, monkeypatch):
-        for key, value in fake.env.items():
-            monkeypatch.setenv(key, value)
-        self.fake = fake
-        self.lib = Library(fake.library, fake.major)
-        self.router = abi.MessageRouter()
-        self.messages = []
-        # Keep what the fake logs, as the binding formats it.
-        self.router.log_func = abi.LogFunc(
-            lambda fmt, args: self.messages.append(
-                self.router.text(fmt, args)))
-        self.helpers = load_helpers(fake.library)
-        self.lib.check("InitEx", 6, 7, self.router.log_func,
-                       self.router.warn_func, self.router.panic_func,
-                       None, None)
-
-    def connect(self, params, read_only=False, snapshot=None,
-                transports=None):
-        connection = abi.ConnectionPtr()
-        self.lib.check("ConnectEx", ctypes.byref(params),
-                       b"\x01" if read_only else b"\x00", snapshot,
-                       transports, ctypes.byref(connection))
-        return connection
-
-    def open(self, connection, path, flags=0):
-        handle = abi.HandlePtr()
-        self.lib.check("Open", connection, path.encode(), flags,
-                       ctypes.byref(handle))
-        return handle
-
-
-@pytest.fixture
-def session(fake_vddk, monkeypatch):
-    return Session(fake_vddk, monkeypatch)
-
-
 def _remote_params(**overrides):
     params = abi.ConnectParams()
     params.vmxSpec = b"moref=vm-16"
@@ -373,7 +333,7 @@ def test_session_cookie_arrives_in_the_session_id_credentials(session):
 def test_library_allocated_connect_params_work_and_are_freed(session):
     pointer = session.lib.call("AllocateConnectParams")
     assert pointer, "AllocateConnectParams returned NULL"
-    assert session.helpers.fake_vddk_outstanding() == 1
+    assert session.outstanding() == 1
     pointer.contents.port = 902
     pointer.contents.credType = abi.CRED_UID
     connection = session.connect(pointer.contents)
@@ -381,7 +341,7 @@ def test_library_allocated_connect_params_work_and_are_freed(session):
     assert _u32(raw, _offset("ConnectParams.port")) == 902
     session.lib.check("Disconnect", connection)
     session.lib.call("FreeConnectParams", pointer)
-    assert session.helpers.fake_vddk_outstanding() == 0
+    assert session.outstanding() == 0
 
 
 def test_create_params_arrive_at_documented_offsets(session, tmp_path):
@@ -426,7 +386,7 @@ def test_binding_reads_info_the_library_filled(session):
         assert info.contents.physicalSectorSize == 512
     finally:
         session.lib.call("FreeInfo", info)
-    assert session.helpers.fake_vddk_outstanding() == 0
+    assert session.outstanding() == 0
 
 
 def test_binding_reads_block_list_the_library_filled(session):
@@ -452,7 +412,7 @@ def test_binding_reads_block_list_the_library_filled(session):
 def test_error_text_survives_to_be_freed(session):
     text = session.lib.error_text(abi.VIX_E_NOT_SUPPORTED)
     assert "not supported" in text
-    assert session.helpers.fake_vddk_outstanding() == 0
+    assert session.outstanding() == 0
 
 
 def test_log_callback_formats_varargs(session, tmp_path):
@@ -482,7 +442,7 @@ def test_completion_callback_receives_data_and_result(fake_vddk,
                                                       monkeypatch):
     # Sectors 4-5 hold byte 2048, where the fake is told to fail.
     monkeypatch.setenv("FAKE_VDDK_FAIL_READ_AT", "2048")
-    session = Session(fake_vddk, monkeypatch)
+    session = BindingSession(fake_vddk, monkeypatch)
     disk = fake_vddk.local_disk(data=b"\xab" * 4096, size=None)
     handle = session.open(session.connect(abi.ConnectParams()), disk)
     results = {}

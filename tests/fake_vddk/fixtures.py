@@ -22,6 +22,9 @@ import re
 
 import pytest
 
+from vddktool.vddk import abi
+from vddktool.vddk.library import Library
+
 from .build import build
 
 # The fields each recorded line carries, in the order the fake writes them.
@@ -193,6 +196,50 @@ def compiled_layout(library_path):
     return layout
 
 
+class BindingSession(object):
+    """The binding loaded in this process against a fresh copy of the
+    fake (each test's copy is a separate library with its own state), the
+    fake's environment set and InitEx done.  What the fake logs and warns
+    lands, formatted by the binding, in ``messages`` and ``warnings``."""
+
+    def __init__(self, fake, monkeypatch):
+        for key, value in fake.env.items():
+            monkeypatch.setenv(key, value)
+        self.fake = fake
+        self.lib = Library(fake.library, fake.major)
+        self.helpers = load_helpers(fake.library)
+        self.messages = []
+        self.warnings = []
+        router = abi.MessageRouter()
+        router.log_func = abi.LogFunc(
+            lambda fmt, args: self.messages.append(router.text(fmt, args)))
+        router.warn_func = abi.LogFunc(
+            lambda fmt, args: self.warnings.append(router.text(fmt, args)))
+        self.router = router
+        self.lib.check("InitEx", 6, 7, router.log_func, router.warn_func,
+                       router.panic_func, None, None)
+
+    def connect(self, params=None, read_only=False, snapshot=None,
+                transports=None):
+        """ConnectEx; a default (zeroed) ConnectParams is a local one."""
+        connection = abi.ConnectionPtr()
+        self.lib.check("ConnectEx", ctypes.byref(params or
+                                                 abi.ConnectParams()),
+                       b"\x01" if read_only else b"\x00", snapshot,
+                       transports, ctypes.byref(connection))
+        return connection
+
+    def open(self, connection, path, flags=0):
+        handle = abi.HandlePtr()
+        self.lib.check("Open", connection, path.encode(), flags,
+                       ctypes.byref(handle))
+        return handle
+
+    def outstanding(self):
+        """Objects the library handed out and nobody freed yet."""
+        return self.helpers.fake_vddk_outstanding()
+
+
 @pytest.fixture
 def fake_vddk(tmp_path):
     """A fake VDDK 8 with every optional function."""
@@ -212,3 +259,9 @@ def make_fake_vddk(tmp_path):
         return fake
 
     return make
+
+
+@pytest.fixture
+def session(fake_vddk, monkeypatch):
+    """A BindingSession on the default fake."""
+    return BindingSession(fake_vddk, monkeypatch)
