@@ -455,13 +455,14 @@ def run_server(options):
     activated = lifecycle.activated_fds()
     check_options(options, activated)
     check_disk(options.values)
-    if activated:
-        lifecycle.forget_activation()
 
     backend = choose_backend(options.values)(options.values,
                                              options.readonly)
     backend.config_complete()
+    # May re-exec this process: the activation variables must survive it.
     backend.get_ready()
+    if activated:
+        lifecycle.forget_activation()
 
     listeners = open_listeners(options, activated)
     try:
@@ -491,6 +492,7 @@ def should_daemonize(options, listeners):
 
 def _serve(options, backend, listeners):
     from .server import Server, ServerSettings
+    from .vddk.reexec import caller_environment
 
     if should_daemonize(options, listeners):
         _check_pidfile_writable(options.pidfile)
@@ -524,7 +526,8 @@ def _serve(options, backend, listeners):
                 command = lifecycle.CaptiveCommand(
                     options.run_command,
                     lifecycle.run_environment(listeners, options.export_name,
-                                              options.tls),
+                                              options.tls,
+                                              base=caller_environment()),
                     stopper.stop)
                 command.start()
             if not stopper.requested:

@@ -226,7 +226,9 @@ def nbd_uri(listeners, export_name):
     return "nbd://%s/%s" % (host, path) if path else "nbd://%s" % host
 
 
-TLS_ENV = {"off": None, "on": "1", "require": "2"}
+# $tls for each --tls mode.  nbdkit leaves it unset when TLS is off; an
+# explicit 0 lets scripts test it without "${tls:-0}".
+TLS_ENV = {"off": "0", "on": "1", "require": "2"}
 
 
 def run_environment(listeners, export_name, tls, base=None):
@@ -237,10 +239,7 @@ def run_environment(listeners, export_name, tls, base=None):
     env["port"] = str(listeners.port) if listeners.port else ""
     env["unixsocket"] = listeners.unix_path or ""
     env["exportname"] = export_name
-    if TLS_ENV.get(tls):
-        env["tls"] = TLS_ENV[tls]
-    else:
-        env.pop("tls", None)
+    env["tls"] = TLS_ENV[tls]
     return env
 
 
