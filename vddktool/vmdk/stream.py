@@ -1,0 +1,528 @@
+"""streamOptimized extents: reading both layouts, and writing new ones.
+
+A stream disk is a hosted sparse file whose grains are zlib streams, each
+behind a marker (virtual sector, compressed size), written once from start
+to end.  Two layouts exist:
+
+* VMware's: the header's gdOffset is all ones; the real header is a footer
+  1024 bytes before the end of the file, between a footer marker and the
+  end-of-stream marker.  Grain tables and the directory sit behind their
+  own markers after the grains they describe.
+* qemu's: the header holds the real gdOffset; no footer.
+
+Reading (``StreamExtent``) is read-only: rewriting a compressed grain in
+place is impossible, so writes are refused.
+
+Writing (``StreamWriter``) makes VMware's layout for create-type=
+stream-optimized.  How create.py hooks it in:
+
+    writer = stream.create_stream_optimized(path, size, adapter_type,
+                                            hwversion)
+
+creates the file (it must not exist) and returns a writable extent to
+serve as the disk's only extent.  Keep that one writer for the life of the
+backend (every connection writes through it) and call ``writer.close()``
+at cleanup.  After every ``flush()`` and after ``close()`` the file is a
+complete stream (grain tables, directory, footer, end-of-stream), so a
+killed server leaves the data up to the last flush readable.
+
+Writes must go forwards, as nbdcopy and qemu-img convert send them.
+Requests in flight arrive in any order, so grains are buffered in a window
+of ``WINDOW_GRAINS`` past the first unfinished grain; a grain is compressed
+and appended once it is complete or falls behind the window.  A write to a
+grain already appended is refused with an error saying why.
+"""
+
+import array
+import os
+import struct
+import threading
+import zlib
+
+from . import descriptor as descriptor_mod
+from .create import disk_database
+from .extent import DATA, UNALLOCATED, ZERO, VmdkError
+from .grains import (SECTOR, GrainTableExtent, TableCache, pack_le_array,
+                     read_exact, unpack_le_array)
+from .sparse import (FLAG_COMPRESSED, FLAG_MARKERS, FLAG_NEWLINE_TEST,
+                     FLAG_ZEROED_GRAINS, GD_AT_END, GTE_ZEROED, MAGIC,
+                     NEWLINE_TEST, SparseHeader, read_header)
+
+COMPRESS_DEFLATE = 1
+MARKER_EOS, MARKER_GT, MARKER_GD, MARKER_FOOTER = 0, 1, 2, 3
+GRAIN_MARKER = struct.Struct("<QI")        # lba, compressed size
+META_MARKER = struct.Struct("<QII")        # sectors following, 0, type
+MAX_TABLE_ENTRIES = 512
+
+# What StreamWriter produces.
+WRITER_GRAIN_SECTORS = 128
+WRITER_DESCRIPTOR_SECTORS = 20
+WRITER_OVERHEAD_SECTORS = 128
+# 64 MiB of out-of-order grains: nbdcopy keeps at most 64 requests of
+# 256 KiB in flight per connection, up to four connections.
+WINDOW_GRAINS = 1024
+# zlib level: level 1 compresses disk data nearly as well as the default
+# at several times the speed, and the writer is the bottleneck of a copy.
+WRITER_ZLIB_LEVEL = 1
+
+
+def _meta_marker(sectors_following, marker_type):
+    packed = META_MARKER.pack(sectors_following, 0, marker_type)
+    return packed + bytes(SECTOR - len(packed))
+
+
+def _round_up(value, unit):
+    return (value + unit - 1) // unit * unit
+
+
+def decode_grain(fd, path, sector, grain_index, grain_size, expected_len,
+                 file_size, has_markers=True):
+    """The decompressed grain whose marker (or zlib data) is at ``sector``.
+
+    ``expected_len`` is what the grain must hold at least: a whole grain,
+    or less for the last grain of a disk whose size is not a multiple of
+    the grain."""
+    offset = sector * SECTOR
+    if has_markers:
+        head = read_exact(fd, path, offset, GRAIN_MARKER.size,
+                          "grain marker of grain %d" % grain_index)
+        lba, compressed_size = GRAIN_MARKER.unpack(head)
+        if lba != grain_index * (grain_size // SECTOR):
+            raise VmdkError("%s: the grain marker at sector %d says sector "
+                            "%d, but the grain table put grain %d there "
+                            "(damaged file)" % (path, sector, lba,
+                                                grain_index))
+        if compressed_size == 0:
+            raise VmdkError("%s: grain %d at sector %d has a compressed size "
+                            "of 0 (damaged file)"
+                            % (path, grain_index, sector))
+        compressed = read_exact(fd, path, offset + GRAIN_MARKER.size,
+                                compressed_size,
+                                "compressed grain %d" % grain_index)
+    else:
+        # Without markers the length is unknown; a grain never compresses
+        # to more than twice its size, and zlib finds its own end.
+        want = min(2 * grain_size, max(0, file_size - offset))
+        compressed = read_exact(fd, path, offset, want,
+                                "compressed grain %d" % grain_index)
+    inflater = zlib.decompressobj()
+    try:
+        data = inflater.decompress(compressed, grain_size + 1)
+    except zlib.error as exc:
+        raise VmdkError("%s: grain %d at sector %d does not decompress: %s "
+                        "(damaged file)" % (path, grain_index, sector, exc))
+    if len(data) > grain_size:
+        raise VmdkError("%s: grain %d at sector %d decompresses to more than "
+                        "a grain of %d bytes (damaged file)"
+                        % (path, grain_index, sector, grain_size))
+    if not inflater.eof or len(data) < expected_len:
+        raise VmdkError("%s: grain %d at sector %d decompresses to %d bytes, "
+                        "expected %d (truncated or damaged file)"
+                        % (path, grain_index, sector, len(data),
+                           expected_len))
+    return data
+
+
+class StreamExtent(GrainTableExtent):
+    """A streamOptimized (compressed) sparse extent, read-only."""
+
+    compressed = True
+    writable = False
+    # Decoded grains kept for reads smaller than a grain (a 64 KiB grain
+    # read in 4 KiB requests would otherwise be inflated 16 times).
+    DECODED_CACHE_GRAINS = 32
+
+    def __init__(self, path, size_bytes, writable=False):
+        self.path = path
+        self.size = size_bytes
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        self._tables = TableCache()
+        self._decoded = TableCache(self.DECODED_CACHE_GRAINS)
+
+    def _open(self):
+        path = self.path
+        self.file_size = os.fstat(self.fd).st_size
+        header = read_header(self.fd, path)
+        if header.gd_offset == GD_AT_END:
+            header = self._read_footer()
+        self._check_header(header)
+        self.header = header
+        self.grain_size = header.grain_size * SECTOR
+        self.grains_per_table = header.gtes_per_gt
+        self.has_markers = bool(header.flags & FLAG_MARKERS)
+        self.zeroed_grain_gtes = bool(header.flags & FLAG_ZEROED_GRAINS)
+        self.capacity_bytes = header.capacity * SECTOR
+        table_span = header.grain_size * header.gtes_per_gt
+        tables = (header.capacity + table_span - 1) // table_span
+        self.directory = unpack_le_array("I", read_exact(
+            self.fd, path, header.gd_offset * SECTOR, tables * 4,
+            "the grain directory"))
+
+    def _read_footer(self):
+        """The header copy VMware writes at the end, checked with the
+        markers around it."""
+        path = self.path
+        if self.file_size < 4 * SECTOR:
+            raise VmdkError("%s: the header says the grain directory is at "
+                            "the end, but the file is too short for a "
+                            "footer (truncated)" % path)
+        tail = read_exact(self.fd, path, self.file_size - 3 * SECTOR,
+                          3 * SECTOR, "the footer")
+        _, size, kind = META_MARKER.unpack_from(tail, 0)
+        footer = SparseHeader.unpack(tail[SECTOR:2 * SECTOR])
+        eos = META_MARKER.unpack_from(tail, 2 * SECTOR)
+        if size != 0 or kind != MARKER_FOOTER or footer.magic != MAGIC:
+            raise VmdkError("%s: no valid footer 1024 bytes before the end "
+                            "of the file (truncated or damaged stream)"
+                            % path)
+        if eos != (0, 0, MARKER_EOS):
+            raise VmdkError("%s: no end-of-stream marker in the last sector "
+                            "(truncated or damaged stream)" % path)
+        if footer.gd_offset == GD_AT_END:
+            raise VmdkError("%s: the footer does not say where the grain "
+                            "directory is (damaged stream)" % path)
+        footer.validate(path)
+        return footer
+
+    def _check_header(self, header):
+        path = self.path
+        if header.compress_algorithm != COMPRESS_DEFLATE and not (
+                header.flags & FLAG_COMPRESSED):
+            raise VmdkError("%s: not a compressed (streamOptimized) extent"
+                            % path)
+        if header.compress_algorithm not in (0, COMPRESS_DEFLATE):
+            raise VmdkError("%s: unsupported compression algorithm %d"
+                            % (path, header.compress_algorithm))
+        if header.gtes_per_gt > MAX_TABLE_ENTRIES:
+            raise VmdkError("%s: invalid grain table size of %d entries"
+                            % (path, header.gtes_per_gt))
+        if header.capacity * SECTOR < self.size:
+            raise VmdkError("%s: the extent line says %d sectors but the "
+                            "file holds only %d" % (path, self.size // SECTOR,
+                                                    header.capacity))
+        if header.gd_offset * SECTOR >= self.file_size:
+            raise VmdkError("%s: the grain directory at sector %d is past "
+                            "the end of the file (truncated)"
+                            % (path, header.gd_offset))
+
+    def _table(self, table_index):
+        table = self._tables.get(table_index)
+        if table is None:
+            sector = self.directory[table_index]
+            if sector == 0:
+                return None
+            table = unpack_le_array("I", read_exact(
+                self.fd, self.path, sector * SECTOR,
+                self.grains_per_table * 4,
+                "grain table %d" % table_index))
+            self._tables.put(table_index, table)
+        return table
+
+    def _entry(self, entry, grain_index):
+        if entry == 0:
+            return UNALLOCATED, None
+        if entry == GTE_ZEROED and self.zeroed_grain_gtes:
+            return ZERO, None
+        return DATA, entry
+
+    def _grain_bytes(self, grain_index, sector):
+        data = self._decoded.get(grain_index)
+        if data is None:
+            expected = min(self.grain_size,
+                           self.capacity_bytes - grain_index * self.grain_size)
+            data = decode_grain(self.fd, self.path, sector, grain_index,
+                                self.grain_size, expected, self.file_size,
+                                self.has_markers)
+            self._decoded.put(grain_index, data)
+        return data
+
+    def write(self, offset, data):
+        self._refuse_rewrite()
+
+    def zero(self, offset, count, may_trim=False):
+        self._refuse_rewrite()
+
+    def _refuse_rewrite(self):
+        raise VmdkError("%s: streamOptimized disks cannot be rewritten in "
+                        "place (serve it read-only, or convert it to another "
+                        "sub-format)" % self.path)
+
+
+# --- writing ----------------------------------------------------------------
+
+class _PendingGrain(object):
+    """A grain being filled by writes that may arrive in any order."""
+
+    __slots__ = ("data", "covered")
+
+    def __init__(self, length):
+        self.data = bytearray(length)
+        self.covered = []          # sorted, merged [start, end) byte ranges
+
+    def fill(self, start, chunk):
+        end = start + len(chunk)
+        self.data[start:end] = chunk
+        merged = []
+        for a, b in self.covered:
+            if b < start or a > end:
+                merged.append((a, b))
+            else:
+                start, end = min(a, start), max(b, end)
+        merged.append((start, end))
+        merged.sort()
+        self.covered = merged
+
+    def complete(self):
+        return self.covered == [(0, len(self.data))]
+
+
+class StreamWriter(GrainTableExtent):
+    """A new streamOptimized file in VMware's layout, written forwards."""
+
+    compressed = True
+    writable = True
+
+    def __init__(self, path, size_bytes, adapter_type="ide", hwversion=4):
+        if size_bytes <= 0 or size_bytes % SECTOR:
+            raise VmdkError("%s: a stream disk needs a size that is a "
+                            "non-zero multiple of 512 bytes" % path)
+        self.path = path
+        self.size = size_bytes
+        self.grain_size = WRITER_GRAIN_SECTORS * SECTOR
+        self.grains_per_table = MAX_TABLE_ENTRIES
+        self._lock = threading.RLock()
+        self._capacity = size_bytes // SECTOR
+        table_span = self.grain_size * self.grains_per_table
+        self._table_count = (size_bytes + table_span - 1) // table_span
+        self._tables = {}          # table index -> array of GTEs
+        self._directory = array.array("I", bytes(4 * self._table_count))
+        self._pending = {}         # grain index -> _PendingGrain
+        self._next_grain = 0       # grains below this are final
+        self._open_table = None    # table whose GT is not yet appended
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL,
+                              0o666)
+        except OSError as exc:
+            raise VmdkError("%s: cannot create the stream file: %s"
+                            % (path, exc.strerror))
+        self._header = self._new_header(adapter_type, hwversion)
+        os.pwrite(self.fd, self._header.pack() + self._descriptor, 0)
+        self._data_end = WRITER_OVERHEAD_SECTORS * SECTOR
+        self._write_tail()
+
+    def _new_header(self, adapter_type, hwversion):
+        name = os.path.basename(self.path)
+        extent = descriptor_mod.ExtentLine("RW", self._capacity, "SPARSE",
+                                           name)
+        text = descriptor_mod.build(
+            "streamOptimized", [extent],
+            disk_database(self.size, adapter_type, hwversion)).encode()
+        room = WRITER_DESCRIPTOR_SECTORS * SECTOR
+        self._descriptor = text + bytes(room - len(text))
+        return SparseHeader(
+            version=3,
+            flags=FLAG_NEWLINE_TEST | FLAG_COMPRESSED | FLAG_MARKERS,
+            capacity=self._capacity, grain_size=WRITER_GRAIN_SECTORS,
+            descriptor_offset=1, descriptor_size=WRITER_DESCRIPTOR_SECTORS,
+            gtes_per_gt=MAX_TABLE_ENTRIES, gd_offset=GD_AT_END,
+            overhead=WRITER_OVERHEAD_SECTORS,
+            compress_algorithm=COMPRESS_DEFLATE)
+
+    # --- the extent interface ------------------------------------------------
+    def write(self, offset, data):
+        data = memoryview(data).cast("B")
+        with self._lock:
+            self._check_range(offset, len(data))
+            self._check_forwards(offset, len(data))
+            position, end = offset, offset + len(data)
+            while position < end:
+                grain = position // self.grain_size
+                start = position - grain * self.grain_size
+                length = min(self.grain_size - start, end - position)
+                chunk = data[position - offset:position - offset + length]
+                self._pending_grain(grain).fill(start, chunk)
+                position += length
+            self._append_ready_grains(end)
+
+    def zero(self, offset, count, may_trim=False):
+        """Unwritten parts of a new stream read as zeros already, so only
+        buffered grains need zeroing; zeroing a finished grain that holds
+        data is refused like a backwards write."""
+        with self._lock:
+            self._check_range(offset, count)
+            first = offset // self.grain_size
+            last = (offset + count - 1) // self.grain_size
+            if first < self._next_grain and self._any_data(
+                    first, min(last + 1, self._next_grain)):
+                self._refuse_backwards(offset)
+            for grain in [g for g in self._pending if first <= g <= last]:
+                pending = self._pending[grain]
+                base = grain * self.grain_size
+                start = max(offset, base) - base
+                stop = min(offset + count, base + len(pending.data)) - base
+                pending.fill(start, bytes(stop - start))
+            self._append_ready_grains(offset)
+
+    def flush(self):
+        """Make everything written so far durable: buffered grains become
+        final, and the file is a complete stream."""
+        with self._lock:
+            if self.fd < 0:
+                return
+            if self._pending:
+                self._advance_to(max(self._pending) + 1)
+            self._write_tail()
+            os.fsync(self.fd)
+
+    def close(self):
+        with self._lock:
+            if self.fd < 0:
+                return
+            try:
+                self.flush()
+            finally:
+                super().close()
+
+    def _table(self, table_index):
+        return self._tables.get(table_index)
+
+    def _entry(self, entry, grain_index):
+        if grain_index in self._pending:
+            return DATA, None
+        return (DATA, entry) if entry else (UNALLOCATED, None)
+
+    def _grain_bytes(self, grain_index, sector):
+        pending = self._pending.get(grain_index)
+        if pending is not None:
+            return bytes(pending.data)
+        expected = min(self.grain_size, self.size - grain_index *
+                       self.grain_size)
+        return decode_grain(self.fd, self.path, sector, grain_index,
+                            self.grain_size, expected, self._data_end)
+
+    def map(self, offset, count):
+        with self._lock:
+            return super().map(offset, count)
+
+    def read(self, offset, count):
+        with self._lock:
+            return super().read(offset, count)
+
+    # --- buffering -----------------------------------------------------------
+    def _check_forwards(self, offset, count):
+        first = offset // self.grain_size
+        if first < self._next_grain:
+            self._refuse_backwards(offset)
+
+    def _refuse_backwards(self, offset):
+        raise VmdkError(
+            "%s: the write at byte %d goes back to a part of the stream that "
+            "is already compressed and written (stream-optimized disks are "
+            "written once, in order; copy with nbdcopy or qemu-img convert)"
+            % (self.path, offset))
+
+    def _any_data(self, first, stop):
+        """True when a finished grain in [first, stop) holds data."""
+        per_table = self.grains_per_table
+        for table_index, table in self._tables.items():
+            base = table_index * per_table
+            low, high = max(first, base), min(stop, base + per_table)
+            if low < high and any(table[low - base:high - base]):
+                return True
+        return False
+
+    def _pending_grain(self, grain):
+        pending = self._pending.get(grain)
+        if pending is None:
+            length = min(self.grain_size, self.size - grain * self.grain_size)
+            pending = self._pending[grain] = _PendingGrain(length)
+            self._table_for(grain // self.grains_per_table)
+        return pending
+
+    def _table_for(self, table_index):
+        table = self._tables.get(table_index)
+        if table is None:
+            table = self._tables[table_index] = array.array(
+                "I", bytes(4 * self.grains_per_table))
+        return table
+
+    def _append_ready_grains(self, frontier):
+        """Append the complete grains at the head of the buffer, then any
+        grain that fell more than the window behind ``frontier``."""
+        while True:
+            pending = self._pending.get(self._next_grain)
+            if pending is None or not pending.complete():
+                break
+            self._advance_to(self._next_grain + 1)
+        behind = frontier // self.grain_size - WINDOW_GRAINS
+        if behind > self._next_grain:
+            self._advance_to(behind)
+
+    def _advance_to(self, new_next):
+        """Make every grain below ``new_next`` final, appending the buffered
+        ones in order (their unwritten bytes are zeros, as in a new disk)."""
+        for grain in sorted(g for g in self._pending if g < new_next):
+            self._close_tables_below(grain // self.grains_per_table)
+            self._append_grain(grain, self._pending.pop(grain).data)
+        self._close_tables_below(new_next // self.grains_per_table)
+        self._next_grain = max(self._next_grain, new_next)
+
+    def _append_grain(self, grain, data):
+        if not any(data):
+            return
+        packed = zlib.compress(bytes(data), WRITER_ZLIB_LEVEL)
+        record = GRAIN_MARKER.pack(grain * WRITER_GRAIN_SECTORS,
+                                   len(packed)) + packed
+        record += bytes(_round_up(len(record), SECTOR) - len(record))
+        os.pwrite(self.fd, record, self._data_end)
+        table_index = grain // self.grains_per_table
+        self._tables[table_index][grain % self.grains_per_table] = (
+            self._data_end // SECTOR)
+        self._open_table = table_index
+        self._data_end += len(record)
+
+    def _close_tables_below(self, table_index):
+        """Append the grain table of the open table once no grain of it can
+        change any more."""
+        if self._open_table is not None and self._open_table < table_index:
+            self._data_end = self._append_table(self._open_table,
+                                                self._data_end)
+            self._open_table = None
+
+    def _append_table(self, table_index, position):
+        """Write a GT marker and the table at ``position``; return the end."""
+        table_bytes = pack_le_array(self._tables[table_index])
+        sectors = len(table_bytes) // SECTOR
+        os.pwrite(self.fd, _meta_marker(sectors, MARKER_GT) + table_bytes,
+                  position)
+        self._directory[table_index] = position // SECTOR + 1
+        return position + SECTOR + len(table_bytes)
+
+    def _write_tail(self):
+        """After the grains: the open table, the directory, the footer and
+        the end-of-stream marker.  The next grain overwrites all of this,
+        and the tail is written again at the next flush."""
+        position = self._data_end
+        if self._open_table is not None:
+            position = self._append_table(self._open_table, position)
+        directory = pack_le_array(self._directory)
+        directory += bytes(_round_up(len(directory), SECTOR) - len(directory))
+        gd_sector = position // SECTOR + 1
+        footer = SparseHeader.unpack(self._header.pack())
+        footer.gd_offset = gd_sector
+        tail = (_meta_marker(len(directory) // SECTOR, MARKER_GD) + directory
+                + _meta_marker(1, MARKER_FOOTER) + footer.pack()
+                + _meta_marker(0, MARKER_EOS))
+        os.pwrite(self.fd, tail, position)
+        os.ftruncate(self.fd, position + len(tail))
+
+
+def create_stream_optimized(path, size_bytes, adapter_type, hwversion):
+    """Create ``path`` as an empty streamOptimized disk and return the
+    writer that fills it (see the module docstring)."""
+    return StreamWriter(path, size_bytes, adapter_type, hwversion)
