@@ -1,0 +1,662 @@
+"""Sockets, threads and request dispatch around the sans-IO protocol.
+
+Each connection gets one thread (socketserver-style) that negotiates and
+then reads requests; the requests run on a small pool of worker threads
+per connection, so a client can keep many in flight (nbdcopy sends 64),
+and replies go out in completion order under a write lock.
+
+Shutdown must be callable from a signal handler, so ``shutdown()`` only
+sets a flag and writes a byte to a pipe that is never drained: the pipe
+then stays readable, waking every select() that watches it, now or later.
+"""
+
+import errno
+import os
+import queue
+import select
+import selectors
+import socket
+import socketserver
+import stat
+import threading
+
+from . import log
+from . import protocol as nbd
+from .engine import (FUA_EMULATE, FUA_NATIVE, MAX_REQUEST_SIZE, PARALLEL,
+                     EngineError, SerializedEngine, errno_of)
+
+# Buffers per sendmsg/writev call, well under Linux's IOV_MAX of 1024.
+_MAX_IOVECS = 512
+
+
+class ServerSettings(object):
+    """Server-wide options: -r, -e, -t, --tls."""
+
+    def __init__(self, readonly=False, export_name="", threads=16,
+                 tls="off"):
+        self.readonly = readonly
+        self.export_name = export_name
+        self.threads = max(1, int(threads))
+        self.tls = tls
+
+
+# ---------------------------------------------------------------------------
+# channels: how bytes move for one connection
+
+
+class _SocketChannel(object):
+    """A connected stream socket (accepted, or stdin when it is one)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self._recv_into = sock.recv_into
+        self._sendmsg = sock.sendmsg
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Replies are written whole; Nagle would only delay them.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def read_into(self, view):
+        """Fill ``view``; False at end of stream."""
+        wanted = len(view)
+        got = self._recv_into(view, wanted, socket.MSG_WAITALL)
+        while got < wanted:
+            if got == 0:
+                return False
+            n = self._recv_into(view[got:], wanted - got, socket.MSG_WAITALL)
+            if n == 0:
+                return False
+            got += n
+        return True
+
+    def send(self, buffers):
+        for start in range(0, len(buffers), _MAX_IOVECS):
+            batch = buffers[start:start + _MAX_IOVECS]
+            sent = self._sendmsg(batch)
+            if sent < sum(len(b) for b in batch):
+                self._send_rest(batch, sent)
+
+    def _send_rest(self, batch, sent):
+        # A signal can interrupt a blocking sendmsg part way.
+        for buf in batch:
+            size = len(buf)
+            if sent >= size:
+                sent -= size
+                continue
+            self.sock.sendall(memoryview(buf)[sent:])
+            sent = 0
+
+    def stop_reading(self):
+        """Wake a reader blocked in recv: it sees end of stream."""
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class _PipeChannel(object):
+    """A pair of file descriptors that are not one socket (-s with
+    pipes).  A pipe read cannot be interrupted from another thread, so
+    every read first waits for data or the stop pipe."""
+
+    def __init__(self, read_fd, write_fd, stop_fd):
+        self.read_fd = read_fd
+        self.write_fd = write_fd
+        self.stop_fd = stop_fd
+
+    def read_into(self, view):
+        got, wanted = 0, len(view)
+        while got < wanted:
+            ready, _, _ = select.select([self.read_fd, self.stop_fd], [], [])
+            if self.stop_fd in ready:
+                return False
+            n = os.readv(self.read_fd, [view[got:]])
+            if n == 0:
+                return False
+            got += n
+        return True
+
+    def send(self, buffers):
+        views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        while views:
+            sent = os.writev(self.write_fd, views[:_MAX_IOVECS])
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if sent:
+                views[0] = views[0][sent:]
+
+    def stop_reading(self):
+        pass  # the stop pipe wakes read_into
+
+    def close(self):
+        pass  # stdin/stdout belong to the process
+
+
+def _stdio_channel(read_fd, write_fd, stop_fd):
+    """A socket channel when both descriptors are the same socket (inetd,
+    libnbd's connect_command), else a pipe channel."""
+    read_stat, write_stat = os.fstat(read_fd), os.fstat(write_fd)
+    same = (read_stat.st_ino, read_stat.st_dev) == (write_stat.st_ino,
+                                                   write_stat.st_dev)
+    if same and stat.S_ISSOCK(read_stat.st_mode):
+        probe = socket.fromfd(read_fd, socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            family = probe.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+        finally:
+            probe.close()
+        sock = socket.fromfd(read_fd, family, socket.SOCK_STREAM)
+        sock.setblocking(True)
+        return _SocketChannel(sock)
+    return _PipeChannel(read_fd, write_fd, stop_fd)
+
+
+# ---------------------------------------------------------------------------
+# one connection
+
+
+class _Disconnect(Exception):
+    """The connection cannot continue (protocol violation, client gone)."""
+
+
+class Connection(object):
+    def __init__(self, server, channel, peer):
+        self.server = server
+        self.backend = server.backend
+        self.settings = server.settings
+        self.channel = channel
+        self.peer = peer
+        self.debugging = log.verbose()
+        self._write_lock = threading.Lock()
+        self._broken = False
+
+    # -- plumbing -------------------------------------------------------------
+    def _send(self, buffers):
+        with self._write_lock:
+            if self._broken:
+                return
+            try:
+                self.channel.send(buffers)
+            except OSError as exc:
+                # The client is gone: make the reader stop too.
+                self._broken = True
+                if self.debugging:
+                    log.debug("%s: write failed: %s", self.peer, exc)
+                self.channel.stop_reading()
+
+    def stop_reading(self):
+        self.channel.stop_reading()
+
+    def run(self):
+        engine = None
+        if not self.server._register(self):
+            self.channel.close()
+            return
+        try:
+            if self.debugging:
+                log.debug("%s: new connection", self.peer)
+            ready, engine = self._negotiate()
+            if ready is not None:
+                self._transmit(ready, engine)
+        except (OSError, nbd.ProtocolError, _Disconnect) as exc:
+            if self.debugging:
+                log.debug("%s: connection ends: %s", self.peer, exc)
+        finally:
+            if engine is not None:
+                self._close_engine(engine)
+            self.channel.close()
+            self.server._unregister(self)
+            if self.debugging:
+                log.debug("%s: closed", self.peer)
+
+    # -- negotiation ----------------------------------------------------------
+    def _negotiate(self):
+        """Run the handshake.  Returns (Ready, engine) or (None, None)."""
+        handshake = nbd.Handshake(self.settings.tls)
+        self.channel.send([handshake.greeting()])
+        while True:
+            event = handshake.next_event()
+            self._flush_handshake(handshake)
+            if isinstance(event, nbd.NeedData):
+                data = bytearray(event.count)
+                if not self.channel.read_into(memoryview(data)):
+                    return None, None
+                handshake.receive_data(data)
+            elif isinstance(event, nbd.ExportRequest):
+                result, engine = self._answer_export(handshake, event)
+                if isinstance(result, nbd.Ready):
+                    return result, engine
+            elif isinstance(event, nbd.ListRequest):
+                handshake.answer_list(self.backend.list_exports())
+            elif isinstance(event, nbd.TlsRequest):
+                self._start_tls(handshake)
+            elif isinstance(event, nbd.Closed):
+                if self.debugging:
+                    log.debug("%s: negotiation ends: %s", self.peer,
+                              event.reason)
+                return None, None
+
+    def _flush_handshake(self, handshake):
+        out = handshake.data_to_send()
+        if out:
+            self.channel.send([out])
+
+    def _start_tls(self, handshake):
+        # The seam for TLS: with a certificate configured this becomes
+        # accept_tls(), send the ACK, wrap self.channel's socket with an
+        # ssl.SSLContext, then handshake.tls_started().
+        handshake.refuse_tls("TLS is not implemented in this version")
+
+    def _answer_export(self, handshake, request):
+        if self.debugging:
+            log.debug("%s: %s export %r", self.peer,
+                      nbd.OPTION_NAMES[request.option], request.name)
+        name = request.name or self.settings.export_name
+        engine, message = self._open_engine(name)
+        info = None
+        if engine is not None:
+            try:
+                info = self._describe(engine, name, handshake.structured,
+                                      request.infos)
+            except Exception as exc:
+                log.error("export %r: %s", name, exc)
+                self._close_engine(engine)
+                engine, message = None, "cannot query the export"
+        result = handshake.answer_export(info, message)
+        self._flush_handshake(handshake)
+        if not isinstance(result, nbd.Ready) and engine is not None:
+            self._close_engine(engine)  # INFO only looks
+            engine = None
+        if isinstance(result, nbd.Closed):
+            raise _Disconnect(result.reason)
+        return result, engine
+
+    def _open_engine(self, name):
+        try:
+            engine = self.backend.open(name, self.settings.readonly)
+        except EngineError as exc:
+            if exc.errno == errno.ENOENT:
+                return None, "unknown export %r" % name
+            log.error("cannot open export %r: %s", name, exc)
+            return None, "cannot open the export"
+        except Exception as exc:
+            log.error("cannot open export %r: %s", name, exc)
+            return None, "cannot open the export"
+        if engine.thread_model != PARALLEL:
+            engine = SerializedEngine(engine)
+        return engine, ""
+
+    def _describe(self, engine, name, structured, infos):
+        size = engine.get_size()
+        flags = nbd.transmission_flags(engine, self.settings.readonly,
+                                       structured)
+        block_size = nbd.clamp_block_size(size, *engine.block_size())
+        description = ""
+        if nbd.INFO_DESCRIPTION in infos:
+            description = self.backend.describe(name) or ""
+        return nbd.ExportInfo(name, size, flags, block_size, description)
+
+    def _close_engine(self, engine):
+        try:
+            engine.close()
+        except Exception as exc:
+            log.error("closing the disk: %s", exc)
+
+    # -- transmission ---------------------------------------------------------
+    def _transmit(self, ready, engine):
+        export = ready.export
+        self.engine = engine
+        self.structured = ready.structured
+        self.context_id = (nbd.BASE_ALLOCATION_ID
+                           if nbd.BASE_ALLOCATION_ID in ready.meta_contexts
+                           else None)
+        self.limits = nbd.Limits(export.size, export.flags,
+                                 export.block_size, ready.structured,
+                                 self.context_id is not None)
+        self.fua_mode = engine.can_fua()
+        self.fast_zero = engine.can_fast_zero()
+        self.extents_known = engine.can_extents()
+        if self.debugging:
+            log.debug("%s: serving %r: size %d, flags 0x%x, structured %s",
+                      self.peer, export.name, export.size, export.flags,
+                      ready.structured)
+        self._handlers = {
+            nbd.CMD_READ: (self._read_structured if ready.structured
+                           else self._read_simple),
+            nbd.CMD_WRITE: self._write,
+            nbd.CMD_FLUSH: self._flush,
+            nbd.CMD_TRIM: self._trim,
+            nbd.CMD_CACHE: self._cache,
+            nbd.CMD_WRITE_ZEROES: self._zero,
+            nbd.CMD_BLOCK_STATUS: self._block_status,
+        }
+        requests = queue.Queue()
+        workers = [threading.Thread(target=self._work, args=(requests,),
+                                    name="nbd-worker")
+                   for _ in range(self.settings.threads)]
+        for worker in workers:
+            worker.daemon = True
+            worker.start()
+        try:
+            self._read_requests(requests)
+        finally:
+            # DISC, end of stream or shutdown: finish what is in flight.
+            for _ in workers:
+                requests.put(None)
+            for worker in workers:
+                worker.join()
+        # A client that leaves flushes if it cares (nbdkit does not flush
+        # for it, and an fdatasync per disconnect costs seconds); a server
+        # shutdown cuts clients off, so it flushes on their behalf.
+        if self.server._stopping and not export.flags & nbd.TFLAG_READ_ONLY \
+                and export.flags & nbd.TFLAG_SEND_FLUSH:
+            try:
+                engine.flush()
+            except Exception as exc:
+                log.error("flush at disconnect: %s", exc)
+
+    def _read_requests(self, requests):
+        header = bytearray(nbd.REQUEST_SIZE)
+        header_view = memoryview(header)
+        read_into = self.channel.read_into
+        unpack = nbd.REQUEST.unpack_from
+        validate = nbd.validate_request
+        limits = self.limits
+        put = requests.put
+        debugging = self.debugging
+        while True:
+            if not read_into(header_view):
+                return
+            magic, flags, command, cookie, offset, length = unpack(header)
+            if magic != nbd.REQUEST_MAGIC:
+                log.error("%s: bad request magic 0x%x: disconnecting",
+                          self.peer, magic)
+                return
+            if debugging:
+                log.debug("%s: %s flags 0x%x offset %d length %d cookie %d",
+                          self.peer, nbd.COMMAND_NAMES.get(command, command),
+                          flags, offset, length, cookie)
+            payload = None
+            if command == nbd.CMD_WRITE:
+                if length > MAX_REQUEST_SIZE:
+                    # Its payload cannot be skipped without reading
+                    # whatever the client claims: refuse and hang up.
+                    self._send(self._error_reply(command, cookie,
+                                                 nbd.NBD_EINVAL))
+                    return
+                payload = bytearray(length)
+                if length and not read_into(memoryview(payload)):
+                    return
+            elif command == nbd.CMD_DISC:
+                return
+            error = validate(command, flags, offset, length, limits)
+            if error:
+                self._send(self._error_reply(command, cookie, error))
+                continue
+            put((flags, command, cookie, offset, length, payload))
+
+    def _work(self, requests):
+        handlers = self._handlers
+        get = requests.get
+        while True:
+            request = get()
+            if request is None:
+                return
+            flags, command, cookie, offset, length, payload = request
+            try:
+                reply = handlers[command](flags, cookie, offset, length,
+                                          payload)
+            except Exception as exc:
+                error = nbd.nbd_errno(errno_of(exc))
+                if not isinstance(exc, EngineError) or self.debugging:
+                    log.error("%s: %s at offset %d length %d: %s", self.peer,
+                              nbd.COMMAND_NAMES[command], offset, length,
+                              exc)
+                reply = self._error_reply(command, cookie, error, str(exc))
+            self._send(reply)
+
+    def _error_reply(self, command, cookie, error, message=""):
+        if self.structured and command in (nbd.CMD_READ,
+                                           nbd.CMD_BLOCK_STATUS):
+            return [nbd.error_chunk(cookie, error, message)]
+        return [nbd.simple_reply(cookie, error)]
+
+    # -- command handlers: each returns the reply buffers ---------------------
+    def _read_simple(self, flags, cookie, offset, length, payload):
+        data = self.engine.pread(length, offset)
+        if len(data) != length:
+            raise EngineError(errno.EIO, "short read from the disk")
+        return [nbd.simple_reply(cookie), data]
+
+    def _read_structured(self, flags, cookie, offset, length, payload):
+        if flags & nbd.CMD_FLAG_DF:
+            data = self.engine.pread(length, offset)
+            if len(data) != length:
+                raise EngineError(errno.EIO, "short read from the disk")
+            return [nbd.offset_data_header(cookie, offset, length, True),
+                    data]
+        pieces = self.engine.pread_sparse(length, offset)
+        bounds = [start for start, _ in pieces] + [offset + length]
+        if bounds[0] != offset or any(
+                a > b for a, b in zip(bounds, bounds[1:])):
+            raise EngineError(errno.EIO, "disk returned misplaced pieces")
+        runs = [(start, bounds[index + 1] - start, data)
+                for index, (start, data) in enumerate(pieces)
+                if bounds[index + 1] > start]
+        reply = []
+        last = len(runs) - 1
+        for index, (start, size, data) in enumerate(runs):
+            done = index == last
+            if data is None:
+                reply.append(nbd.offset_hole_chunk(cookie, start, size, done))
+                continue
+            if len(data) != size:
+                raise EngineError(errno.EIO, "short read from the disk")
+            reply.append(nbd.offset_data_header(cookie, start, size, done))
+            reply.append(data)
+        return reply
+
+    def _write(self, flags, cookie, offset, length, payload):
+        fua = flags & nbd.CMD_FLAG_FUA
+        self.engine.pwrite(payload, offset, bool(fua) and
+                           self.fua_mode == FUA_NATIVE)
+        self._emulate_fua(fua)
+        return [nbd.simple_reply(cookie)]
+
+    def _emulate_fua(self, fua):
+        if fua and self.fua_mode == FUA_EMULATE:
+            self.engine.flush()
+
+    def _flush(self, flags, cookie, offset, length, payload):
+        self.engine.flush()
+        return [nbd.simple_reply(cookie)]
+
+    def _trim(self, flags, cookie, offset, length, payload):
+        fua = flags & nbd.CMD_FLAG_FUA
+        self.engine.trim(length, offset,
+                         bool(fua) and self.fua_mode == FUA_NATIVE)
+        self._emulate_fua(fua)
+        return [nbd.simple_reply(cookie)]
+
+    def _cache(self, flags, cookie, offset, length, payload):
+        self.engine.cache(length, offset)
+        return [nbd.simple_reply(cookie)]
+
+    def _zero(self, flags, cookie, offset, length, payload):
+        if flags & nbd.CMD_FLAG_FAST_ZERO and not self.fast_zero:
+            return [nbd.simple_reply(cookie, nbd.NBD_ENOTSUP)]
+        fua = flags & nbd.CMD_FLAG_FUA
+        self.engine.zero(length, offset,
+                         may_trim=not flags & nbd.CMD_FLAG_NO_HOLE,
+                         fua=bool(fua) and self.fua_mode == FUA_NATIVE)
+        self._emulate_fua(fua)
+        return [nbd.simple_reply(cookie)]
+
+    def _block_status(self, flags, cookie, offset, length, payload):
+        req_one = bool(flags & nbd.CMD_FLAG_REQ_ONE)
+        if self.extents_known:
+            extents = nbd.normalize_extents(
+                self.engine.extents(length, offset, req_one), offset,
+                length, req_one)
+            if not extents:
+                raise EngineError(errno.EIO, "disk returned no extents")
+        else:
+            extents = [(length, 0)]  # all data, as nbdkit reports
+        return [nbd.block_status_chunk(cookie, self.context_id, extents)]
+
+
+# ---------------------------------------------------------------------------
+# listening
+
+
+class _ThreadPerConnectionMixIn(object):
+    """socketserver's ThreadingMixIn, but the threads are tracked by our
+    Server so shutdown can wait for them (3.6's mixin forgets them)."""
+
+    nbd_server = None
+
+    def process_request(self, request, client_address):
+        self.nbd_server._spawn(self._serve_one, request, client_address)
+
+    def _serve_one(self, request, client_address):
+        try:
+            self.finish_request(request, client_address)
+        except Exception as exc:
+            log.error("connection failed: %s", exc)
+        finally:
+            self.shutdown_request(request)
+
+
+class _UnixListener(_ThreadPerConnectionMixIn, socketserver.UnixStreamServer):
+    pass
+
+
+class _TcpListener(_ThreadPerConnectionMixIn, socketserver.TCPServer):
+    pass
+
+
+class _NbdHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        sock = self.request
+        sock.setblocking(True)
+        peer = self.client_address or "unix socket"
+        Connection(self.server.nbd_server, _SocketChannel(sock),
+                   str(peer)).run()
+
+
+def _listener_for(sock):
+    """Wrap an already bound and listening socket in a socketserver."""
+    cls = _UnixListener if sock.family == socket.AF_UNIX else _TcpListener
+    listener = cls(sock.getsockname(), _NbdHandler, bind_and_activate=False)
+    listener.socket.close()
+    listener.socket = sock
+    return listener
+
+
+class Server(object):
+    """Serves one Backend on listening sockets or on stdin/stdout."""
+
+    def __init__(self, backend, settings):
+        self.backend = backend
+        self.settings = settings
+        self._stopping = False
+        self._stop_read, self._stop_write = os.pipe()
+        os.set_blocking(self._stop_write, False)
+        self._lock = threading.Lock()
+        self._connections = set()
+        self._threads = set()
+
+    def shutdown(self):
+        """Stop serving.  Signal-safe: no locks, one non-blocking write."""
+        self._stopping = True
+        try:
+            os.write(self._stop_write, b"!")
+        except OSError:
+            pass  # pipe full: already signalled
+
+    # -- bookkeeping shared by connection threads ----------------------------
+    def _register(self, connection):
+        with self._lock:
+            if self._stopping:
+                return False
+            self._connections.add(connection)
+            return True
+
+    def _unregister(self, connection):
+        with self._lock:
+            self._connections.discard(connection)
+
+    def _spawn(self, target, *args):
+        def run():
+            try:
+                target(*args)
+            finally:
+                with self._lock:
+                    self._threads.discard(thread)
+        thread = threading.Thread(target=run, name="nbd-connection")
+        thread.daemon = True
+        with self._lock:
+            self._threads.add(thread)
+        thread.start()
+        return thread
+
+    def _stop_connections(self):
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            connection.stop_reading()
+
+    def _join_connections(self):
+        while True:
+            with self._lock:
+                threads = list(self._threads)
+            if not threads:
+                return
+            for thread in threads:
+                thread.join()
+
+    # -- entry points ----------------------------------------------------------
+    def serve_forever(self, listen_sockets):
+        listeners = [_listener_for(sock) for sock in listen_sockets]
+        selector = selectors.DefaultSelector()
+        try:
+            for listener in listeners:
+                listener.nbd_server = self
+                listener.socket.setblocking(False)
+                selector.register(listener.socket, selectors.EVENT_READ,
+                                  listener)
+            selector.register(self._stop_read, selectors.EVENT_READ, None)
+            while not self._stopping:
+                for key, _ in selector.select():
+                    if key.data is not None and not self._stopping:
+                        key.data._handle_request_noblock()
+        finally:
+            selector.close()
+            self._stopping = True
+            self._stop_connections()
+            self._join_connections()
+
+    def serve_connection(self, rfile_fd=0, wfile_fd=1):
+        channel = _stdio_channel(rfile_fd, wfile_fd, self._stop_read)
+        connection = Connection(self, channel, "stdio")
+        done_read, done_write = os.pipe()
+        try:
+            def run():
+                try:
+                    connection.run()
+                finally:
+                    os.write(done_write, b"!")
+            thread = self._spawn(run)
+            ready, _, _ = select.select([self._stop_read, done_read], [], [])
+            if done_read not in ready:
+                connection.stop_reading()
+            thread.join()
+        finally:
+            os.close(done_read)
+            os.close(done_write)
