@@ -17,6 +17,11 @@ from .disk import Disk
 from .extent import DATA, VmdkError
 
 
+# create-type -> createType, for describing a disk made by another module.
+_CREATE_TYPE_NAMES = {"stream-optimized": "streamOptimized",
+                      "vmfs-sparse": "vmfsSparse"}
+
+
 def _engine_error(exc):
     return EngineError(errno.EIO, str(exc))
 
@@ -165,13 +170,18 @@ class NativeBackend(Backend):
     def get_ready(self):
         """Create and open the disk before daemonizing, so a damaged file
         is reported on the terminal with exit status 1."""
-        if self.params.get("create"):
+        if self.params.get("create") and self.disk is None:
             from .create import create_from_params
             try:
-                create_from_params(self.path, self.params)
+                new_extent = create_from_params(self.path, self.params)
             except (VmdkError, OSError) as e:
                 raise UsageError("create: cannot create %s: %s" % (
                     self.path, getattr(e, "strerror", None) or e))
+            if new_extent is not None:
+                self.disk = Disk.around(self.path, new_extent,
+                                        _CREATE_TYPE_NAMES.get(
+                                            self.params.get("create-type"),
+                                            "custom"))
         self._ensure_open()
 
     def after_fork(self):

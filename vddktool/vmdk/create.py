@@ -87,7 +87,7 @@ def check_create(path, params):
 
 
 def create_from_params(path, params):
-    create(path, params["create-size"],
+    return create(path, params["create-size"],
            params.get("create-type") or "monolithic-sparse",
            params.get("create-adapter-type") or "scsi-buslogic",
            params.get("create-hwversion") or 4)
@@ -113,7 +113,9 @@ def disk_database(size, adapter, hwversion, thin=False):
 
 def create(path, size, create_type="monolithic-sparse",
            adapter="scsi-buslogic", hwversion=4):
-    """Create the disk; raise VmdkError or OSError, leaving nothing."""
+    """Create the disk; raise VmdkError or OSError, leaving nothing.
+    Returns None, or an open extent that must serve as the new disk's only
+    extent (a stream writer can be written once, by its creator)."""
     if create_type in FOREIGN_CREATORS:
         creator = _foreign_creator(create_type)
         if creator is None:
@@ -130,6 +132,7 @@ def create(path, size, create_type="monolithic-sparse",
             except OSError:
                 pass
         raise
+    return None
 
 
 def _create_native(path, size, create_type, adapter, hwversion, made):

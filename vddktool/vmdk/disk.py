@@ -10,6 +10,7 @@ keeps sparse metadata consistent.
 import bisect
 import errno
 import os
+import re
 import struct
 import threading
 
@@ -24,6 +25,9 @@ from .sparse import (FLAG_COMPRESSED, MAGIC as SPARSE_MAGIC, SparseExtent,
 
 COWD_MAGIC = b"COWD"
 SESPARSE_MAGIC = struct.pack("<Q", 0xCAFEBABE)
+
+# Control characters that never appear in a text descriptor.
+_BINARY_BYTES = re.compile(b"[\\x01-\\x08\\x0e-\\x1f]")
 
 # A chain deeper than this is surely a loop of hints.
 MAX_CHAIN_LENGTH = 255
@@ -133,8 +137,10 @@ def read_descriptor(path):
         data = os.pread(fd, size, 0)
     finally:
         os.close(fd)
-    if not data.strip(b"\0 \r\n\t"):
-        raise VmdkError("%s: not a VMDK (empty)" % path)
+    text = data.split(b"\0", 1)[0]
+    if not text.strip() or _BINARY_BYTES.search(text):
+        raise VmdkError("%s: not a VMDK (neither a sparse header nor a text "
+                        "descriptor)" % path)
     return Descriptor.parse(data, path), None
 
 
@@ -169,6 +175,27 @@ class Disk(object):
         if writable and not self.writable:
             log.debug("%s: no extent of this %s disk can be written; "
                       "serving it read-only", self.path, self.create_type)
+
+    @classmethod
+    def around(cls, path, extent, create_type):
+        """A disk whose one extent is already open: the writer that
+        create-type=stream-optimized returns, which owns its file and
+        its descriptor."""
+        disk = cls.__new__(cls)
+        disk.path = os.path.abspath(path)
+        disk.descriptor = _synthesized(path, create_type,
+                                       extent.size // SECTOR, "SPARSE")
+        disk._embedded = None
+        disk.directory = os.path.dirname(disk.path)
+        disk.lock = threading.Lock()
+        # The writer keeps its own descriptor: never rewrite it here.
+        disk._cid_renewed = True
+        disk.extents = [extent]
+        disk.starts = [0]
+        disk.parent = None
+        disk.size = extent.size
+        disk.writable = extent.writable
+        return disk
 
     @property
     def create_type(self):
