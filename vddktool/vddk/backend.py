@@ -19,7 +19,8 @@ from ..engine import (EXTENT_HOLE, EXTENT_ZERO, FUA_EMULATE, MAX_REQUEST_SIZE,
 from . import abi
 from .library import (DEFAULT_LIBDIR, PREFIX, Library, find_library,
                       loaded_path, require_library)
-from .reexec import reexec_if_needed, restore_caller_environment
+from .reexec import (reexec_if_needed, recover_secrets,
+                     restore_caller_environment)
 from .stats import STATS, now
 from .wildcard import wildcard_matches
 
@@ -218,6 +219,7 @@ class VddkBackend(Backend):
         return any(self._get(name) is not None for name in REMOTE_ONLY_PARAMS)
 
     def config_complete(self):
+        recover_secrets(self.params)
         file_name, export = self._get("file"), self._get("export")
         if file_name is not None and export is not None:
             raise UsageError(

@@ -25,6 +25,9 @@ REEXEC_MARKER = "VDDKTOOL_REEXECED"
 ORIGINAL_LD_LIBRARY_PATH = "VDDKTOOL_ORIGINAL_LD_LIBRARY_PATH"
 
 SECRET_PARAMS = ("password", "cookie")
+# Parameters whose parser takes -FD literally: the pipe's fd is announced
+# in this variable instead.
+SECRET_FD_VARIABLES = {"cookie": "VDDKTOOL_COOKIE_FD"}
 
 
 def path_has_directory(search_path, directory):
@@ -75,20 +78,42 @@ def _pipe_holding(secret):
     return read_fd
 
 
-def hide_secrets(argv, secrets):
+def hide_secrets(argv, secrets, environ):
     """Rewrite NAME=VALUE arguments of secret parameters as NAME=-FD.
 
     ``secrets`` maps a parameter name to its already-read value (a
-    params.Secret); names with no value are left alone.
+    params.Secret); names with no value are left alone.  password= reads
+    -FD itself; for cookie=, which takes its value literally, the fd is
+    also named in ``environ`` so that ``recover_secrets`` can read it.
     """
     rewritten = []
     for arg in argv:
         name, sep, _ = arg.partition("=")
         secret = secrets.get(name) if sep else None
         if secret is not None:
-            arg = "%s=-%d" % (name, _pipe_holding(secret.value))
+            fd = _pipe_holding(secret.value)
+            arg = "%s=-%d" % (name, fd)
+            if name in SECRET_FD_VARIABLES:
+                environ[SECRET_FD_VARIABLES[name]] = str(fd)
         rewritten.append(arg)
     return rewritten
+
+
+def recover_secrets(values, environ=None):
+    """In the re-executed process: replace cookie=-FD, as written by
+    hide_secrets, with the value waiting in that pipe."""
+    environ = os.environ if environ is None else environ
+    for name, variable in SECRET_FD_VARIABLES.items():
+        fd_text = environ.pop(variable, None)
+        secret = values.get(name)
+        if fd_text is None or secret is None or \
+                secret.value != "-" + fd_text:
+            continue
+        with os.fdopen(int(fd_text), "rb") as pipe:
+            data = pipe.read()
+        if data.endswith(b"\n"):
+            data = data[:-1]
+        secret.value = data.decode("utf-8")
 
 
 def reexec_environment(library_dir, environ=None):
@@ -117,8 +142,8 @@ def reexec_if_needed(library_dir, params):
         return
     secrets = dict((name, params.get(name)) for name in SECRET_PARAMS
                    if params.get(name) is not None)
-    argv = hide_secrets(argv, secrets)
     env = reexec_environment(library_dir)
+    argv = hide_secrets(argv, secrets, env)
     log.debug("re-executing with LD_LIBRARY_PATH=%s", env["LD_LIBRARY_PATH"])
     # Whatever the parent buffered would otherwise be lost by exec.
     sys.stdout.flush()

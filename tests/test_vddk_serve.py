@@ -1,0 +1,424 @@
+"""vddktool with backend=vddk, served to real NBD clients, against the fake
+libvixDiskLib: the seed manual's examples and the behaviours around them."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CLIENT_ENV, need, run
+from fake_vddk.fixtures import fake_vddk, make_fake_vddk  # noqa: F401
+
+MiB = 1024 * 1024
+THUMBPRINT = "B2:31:BD:DE:9F:DB:9D:E0:78:EF:30:42:8A:41:B0:28:92:93:C8:DD"
+
+
+def pattern(size, seed=0):
+    block = hashlib.sha256(str(seed).encode()).digest() * 16
+    return (block * (size // len(block) + 1))[:size]
+
+
+def serve(start_server, fake, *args):
+    return start_server("backend=vddk", "libdir=" + fake.libdir, *args,
+                        env=fake.env)
+
+
+def nbdsh(server, script, export=None, check=True, setup=""):
+    """Run ``script`` in nbdsh connected to the server; ``setup`` runs
+    before connecting."""
+    need("nbdsh")
+    connect = setup + ("h.set_export_name(%r)\n" % export
+                       if export is not None else "") \
+        + "h.connect_unix(%r)\n" % server.sock
+    return run(["nbdsh", "-c", connect + script], check=check)
+
+
+def remote_args(fake, **expect):
+    """Remote parameters as in the manual's vCenter example, and the fake
+    told to insist on each of them."""
+    fake.expect(server="vcenter.example.com", thumbprint=THUMBPRINT,
+                user="root", password="vmware", vm="moref=vm-16", **expect)
+    return ["user=root", "password=vmware", "server=vcenter.example.com",
+            "thumbprint=" + THUMBPRINT, "vm=moref=vm-16"]
+
+
+# -- the manual's examples
+
+
+def test_local_file_size_and_copy(fake_vddk, start_server, tmp_path):
+    data = pattern(10 * MiB)
+    disk = fake_vddk.local_disk("file.vmdk", size=10 * MiB, data=data)
+    server = serve(start_server, fake_vddk, disk)
+    assert run([need("nbdinfo"), "--size", server.uri]).stdout.strip() \
+        == str(10 * MiB)
+    out = str(tmp_path / "outputfile.raw")
+    run([need("nbdcopy"), server.uri, out])
+    with open(out, "rb") as f:
+        assert f.read() == data
+
+
+def test_create_and_fill_with_qemu_img(fake_vddk, tmp_path, start_server):
+    need("qemu-img")
+    source = str(tmp_path / "input.qcow2")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", source, "3M"])
+    run([need("qemu-io"), "-f", "qcow2", "-c", "write -P 0x5a 1M 64k",
+         source])
+    output = str(tmp_path / "output.vmdk")
+    run(vddktool_args(fake_vddk, "-U", str(tmp_path / "sock"), output,
+                      "create=true", "create-size=100M",
+                      "--run", "qemu-img convert %s $uri" % source),
+        env=dict(CLIENT_ENV, **fake_vddk.env), cwd=_root())
+    assert os.path.getsize(output) == 100 * MiB
+    with open(output, "rb") as f:
+        f.seek(MiB)
+        assert f.read(64 * 1024) == b"\x5a" * 64 * 1024
+    assert fake_vddk.calls("Create")[0].number("capacity") == 100 * MiB // 512
+
+
+def vddktool_args(fake, *args):
+    return [sys.executable, "-m", "vddktool", "backend=vddk",
+            "libdir=" + fake.libdir] + list(args)
+
+
+def test_esxi_example_with_password_file(fake_vddk, start_server,
+                                         tmp_path):
+    name = fake_vddk.remote_disk("datastore1", "Fedora/Fedora.vmdk",
+                                 size=4 * MiB)
+    rootpw = tmp_path / "rootpw"
+    rootpw.write_text("esxi secret\n")
+    fake_vddk.expect(server="esxi.example.com", user="root",
+                     password="esxi secret", vm="moref=2",
+                     thumbprint=THUMBPRINT)
+    server = serve(start_server, fake_vddk, "user=root",
+                   "password=+%s" % rootpw, "server=esxi.example.com",
+                   "thumbprint=" + THUMBPRINT, "vm=moref=2", name)
+    assert run([need("nbdinfo"), "--size", server.uri]).stdout.strip() \
+        == str(4 * MiB)
+    assert "esxi secret" not in server.log()
+
+
+def test_vcenter_example(fake_vddk, start_server):
+    name = fake_vddk.remote_disk("datastore1", "Fedora/Fedora.vmdk",
+                                 data=pattern(MiB), size=MiB)
+    server = serve(start_server, fake_vddk, name, *remote_args(fake_vddk))
+    out = nbdsh(server, "import hashlib\n"
+                "print(hashlib.sha256(h.pread(%d, 0)).hexdigest())" % MiB)
+    assert out.stdout.strip() == hashlib.sha256(pattern(MiB)).hexdigest()
+
+
+def test_export_wildcard_lets_nbdsh_choose(fake_vddk, start_server):
+    name = fake_vddk.remote_disk("datastore1", "Fedora/Fedora.vmdk",
+                                 size=3 * MiB)
+    server = serve(start_server, fake_vddk,
+                   r"export=\[datastore1\] Fedora/*.vmdk",
+                   *remote_args(fake_vddk))
+    out = nbdsh(server, "print(h.get_size())", export=name)
+    assert out.stdout.strip() == str(3 * MiB)
+
+
+def test_export_wildcard_with_url_encoded_uri(fake_vddk, start_server):
+    fake_vddk.remote_disk("datastore1", "Fedora/Fedora.vmdk", size=2 * MiB)
+    server = serve(start_server, fake_vddk,
+                   r"export=\[datastore1\] Fedora/*.vmdk",
+                   *remote_args(fake_vddk))
+    uri = "nbd+unix:///%%5bdatastore1%%5d%%20Fedora/Fedora.vmdk?socket=%s" \
+        % server.sock
+    assert run([need("nbdinfo"), "--size", uri]).stdout.strip() \
+        == str(2 * MiB)
+
+
+@pytest.mark.parametrize("export", ["[datastore2] Fedora/Fedora.vmdk",
+                                    "[datastore1] Other/Other.vmdk", ""])
+def test_export_wildcard_refuses_other_names(fake_vddk, start_server,
+                                             export):
+    fake_vddk.remote_disk("datastore2", "Fedora/Fedora.vmdk")
+    fake_vddk.remote_disk("datastore1", "Other/Other.vmdk")
+    server = serve(start_server, fake_vddk,
+                   r"export=\[datastore1\] Fedora/*.vmdk",
+                   *remote_args(fake_vddk))
+    proc = nbdsh(server, "print(h.get_size())", export=export, check=False)
+    assert proc.returncode != 0
+    assert not fake_vddk.calls("Open")
+    # Still serving after the refusal.
+    assert server.proc.poll() is None
+
+
+# -- every parameter reaches the library
+
+
+@pytest.mark.parametrize("arg,call,field,value", [
+    ("single-link=true", "Open", "flags", "2"),
+    ("unbuffered=true", "Open", "flags", "1"),
+    ("compression=zlib", "Open", "flags", "16"),
+    ("compression=fastlz", "Open", "flags", "32"),
+    ("compression=skipz", "Open", "flags", "64"),
+    ("snapshot=snapshot-12", "ConnectEx", "snapshot", "snapshot-12"),
+    ("transports=nbd:nbdssl", "ConnectEx", "transports", "nbd:nbdssl"),
+    ("port=4443", "ConnectEx", "port", "4443"),
+    ("nfchostport=9020", "ConnectEx", "nfcHostPort", "9020"),
+    ("vimapiver=6.5", "ConnectEx", "serverName", "vcenter.example.com"),
+    ("config=/etc/vmware/vddk.conf", "InitEx", "config",
+     "/etc/vmware/vddk.conf"),
+])
+def test_parameter_reaches_the_library(fake_vddk, start_server, arg, call,
+                                       field, value):
+    name = fake_vddk.remote_disk()
+    server = serve(start_server, fake_vddk, name, arg,
+                   *remote_args(fake_vddk))
+    run([need("nbdinfo"), "--size", server.uri])
+    assert fake_vddk.calls(call)[-1][field] == value
+
+
+def test_readonly_option_opens_read_only(fake_vddk, start_server):
+    server = serve(start_server, fake_vddk, "-r", fake_vddk.local_disk())
+    out = nbdsh(server, "print(h.is_read_only())")
+    assert out.stdout.strip() == "True"
+    assert fake_vddk.calls("Open")[-1].number("flags") == 4
+    assert fake_vddk.calls("ConnectEx")[-1]["readOnly"] == "1"
+
+
+def test_cookie_authenticates_with_a_session(fake_vddk, start_server):
+    name = fake_vddk.remote_disk()
+    fake_vddk.expect(cookie="52a1cafe")
+    server = serve(start_server, fake_vddk, name, "server=vc.example.com",
+                   "thumbprint=" + THUMBPRINT, "user=admin",
+                   "cookie=52a1cafe", "vm=moref=vm-16")
+    run([need("nbdinfo"), "--size", server.uri])
+    assert fake_vddk.calls("ConnectEx")[-1]["credType"] == "2"
+    assert "52a1cafe" not in server.log()
+
+
+# -- passwords
+
+
+def test_password_from_inherited_fd(fake_vddk, tmp_path):
+    name = fake_vddk.remote_disk()
+    args = remote_args(fake_vddk)
+    fake_vddk.expect(password="piped secret")
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, b"piped secret\n")
+    os.close(write_fd)
+    args = [a if not a.startswith("password=") else "password=-%d" % read_fd
+            for a in args]
+    proc = subprocess.Popen(
+        vddktool_args(fake_vddk, "-U", str(tmp_path / "sock"), name, *args)
+        + ["--run", "nbdinfo --size $uri"],
+        pass_fds=(read_fd,), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=dict(CLIENT_ENV, **fake_vddk.env), cwd=_root())
+    os.close(read_fd)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.decode().strip() == str(MiB)
+
+
+def _root():
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_password_asked_on_the_terminal(fake_vddk, tmp_path):
+    import pty
+    import select
+    import time
+    name = fake_vddk.remote_disk()
+    args = [a if not a.startswith("password=") else "password=-"
+            for a in remote_args(fake_vddk)]
+    fake_vddk.expect(password="typed secret")
+    out_path = tmp_path / "size.txt"
+    argv = vddktool_args(fake_vddk, "-U", str(tmp_path / "sock"), name,
+                         *args) + ["--run",
+                                   "nbdinfo --size $uri > %s" % out_path]
+    env = dict(CLIENT_ENV, **fake_vddk.env)
+    pid, master = pty.fork()
+    if pid == 0:
+        os.chdir(_root())
+        os.execve(argv[0], argv, env)
+    transcript = b""
+    deadline = time.time() + 60
+    answered = False
+    while time.time() < deadline:
+        ready, _, _ = select.select([master], [], [], 1)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(master, 1024)
+        except OSError:
+            break
+        if not chunk:
+            break
+        transcript += chunk
+        if not answered and b"assword" in transcript:
+            os.write(master, b"typed secret\n")
+            answered = True
+    _, status = os.waitpid(pid, 0)
+    os.close(master)
+    assert answered, transcript
+    assert os.WEXITSTATUS(status) == 0, transcript
+    assert out_path.read_text().strip() == str(MiB)
+    assert b"typed secret" not in transcript.split(b"assword", 1)[1]
+
+
+# -- faults and recovery
+
+
+def test_read_fault_is_eio_and_the_server_keeps_serving(fake_vddk,
+                                                        start_server):
+    fake_vddk.fail_read_at(MiB // 2)
+    server = serve(start_server, fake_vddk,
+                   fake_vddk.local_disk(size=MiB, data=pattern(MiB)))
+    out = nbdsh(server, """
+import errno
+try:
+    h.pread(4096, %d)
+    print("no error")
+except nbd.Error as e:
+    print("errno", e.errno in (errno.EIO, "EIO"))
+print(h.pread(512, 0) == %r)
+""" % (MiB // 2, pattern(MiB)[:512]))
+    assert out.stdout.split() == ["errno", "True", "True"]
+    assert "VixDiskLib_ReadAsync" in server.log()
+    assert run([need("nbdinfo"), "--size", server.uri]).returncode == 0
+
+
+def test_write_fault_is_eio(fake_vddk, start_server):
+    fake_vddk.fail_write_at(8192)
+    server = serve(start_server, fake_vddk, fake_vddk.local_disk(size=MiB))
+    out = nbdsh(server, """
+import errno
+try:
+    h.pwrite(bytearray(4096), 8192)
+    print("no error")
+except nbd.Error as e:
+    print("errno", e.errno in (errno.EIO, "EIO"))
+h.pwrite(bytearray(4096), 0)
+print("ok")
+""")
+    assert out.stdout.split() == ["errno", "True", "ok"]
+
+
+def test_unaligned_request_is_refused(fake_vddk, start_server):
+    server = serve(start_server, fake_vddk, fake_vddk.local_disk(size=MiB))
+    out = nbdsh(server, """
+h.set_strict_mode(0)
+try:
+    h.pread(100, 7)
+    print("no error")
+except nbd.Error as e:
+    print("refused")
+print(h.get_block_size(nbd.SIZE_MINIMUM))
+""")
+    assert out.stdout.split() == ["refused", "512"]
+
+
+def test_fast_zero_is_not_supported_but_zero_works(fake_vddk,
+                                                   start_server):
+    disk = fake_vddk.local_disk(size=MiB, data=b"\xff" * MiB)
+    server = serve(start_server, fake_vddk, disk)
+    out = nbdsh(server, """
+try:
+    h.zero(65536, 0, nbd.CMD_FLAG_FAST_ZERO)
+    print("no error")
+except nbd.Error as e:
+    print(e.errno in (errno.ENOTSUP, "ENOTSUP"))
+h.zero(65536, 0)
+print(h.pread(65536, 0) == bytearray(65536))
+""", setup="import errno\n")
+    assert out.stdout.split() == ["True", "True"]
+    with open(disk, "rb") as f:
+        assert f.read(65536) == bytes(65536)
+
+
+def test_extents_reach_nbdinfo_map(fake_vddk, start_server):
+    disk = fake_vddk.local_disk(size=4 * MiB)
+    with open(disk, "r+b") as f:
+        f.seek(2 * MiB)
+        f.write(b"data" * 1024)
+    server = serve(start_server, fake_vddk, disk)
+    out = run([need("nbdinfo"), "--map", server.uri]).stdout
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    data_rows = [r for r in rows if r[2] == "0"]
+    assert data_rows and int(data_rows[0][0]) <= 2 * MiB
+    assert any(r[2] == "3" for r in rows)
+
+
+# -- debug flags and statistics
+
+
+def run_with_debug(fake, tmp_path, *flags):
+    disk = fake.local_disk(size=MiB, data=pattern(MiB))
+    return run(vddktool_args(fake, "-U", str(tmp_path / "sock"), disk, "-v")
+               + list(flags)
+               + ["--run", "nbdcopy $uri %s" % (tmp_path / "copy.raw")],
+               env=dict(CLIENT_ENV, **fake.env), cwd=_root())
+
+
+def test_stats_printed_at_exit(fake_vddk, tmp_path):
+    err = run_with_debug(fake_vddk, tmp_path, "-D", "vddk.stats=1").stderr
+    table = err[err.index("VDDK function stats"):]
+    read_row = [line for line in table.splitlines()
+                if line.split()[2:3] == ["ReadAsync"]]
+    assert read_row and int(read_row[0].split()[-1]) == MiB
+    assert "InitEx" in table and "Exit" in table
+
+
+def test_no_stats_without_the_flag(fake_vddk, tmp_path):
+    assert "VDDK function stats" not in \
+        run_with_debug(fake_vddk, tmp_path).stderr
+
+
+def test_datapath_messages_on_by_default_and_suppressed(fake_vddk,
+                                                        tmp_path):
+    assert "VixDiskLib_ReadAsync: sector" in \
+        run_with_debug(fake_vddk, tmp_path).stderr
+    quiet = run_with_debug(fake_vddk, tmp_path, "-D", "vddk.datapath=0")
+    assert "VixDiskLib_ReadAsync: sector" not in quiet.stderr
+
+
+def test_diskinfo_and_extents_flags(fake_vddk, tmp_path):
+    err = run_with_debug(fake_vddk, tmp_path, "-D", "vddk.diskinfo=1",
+                         "-D", "vddk.extents=1").stderr
+    assert "disk info: capacity 2048 sectors" in err
+    assert "allocated: sector 0" in err
+    plain = run_with_debug(fake_vddk, tmp_path).stderr
+    assert "disk info:" not in plain and "allocated:" not in plain
+
+
+def test_verbose_logs_the_transport_mode(fake_vddk, tmp_path):
+    assert "transport mode: file" in run_with_debug(fake_vddk,
+                                                    tmp_path).stderr
+
+
+def test_thumbprint_hint_reaches_the_debug_log(fake_vddk, start_server):
+    name = fake_vddk.remote_disk()
+    args = remote_args(fake_vddk)
+    fake_vddk.expect(thumbprint="AA:" * 19 + "AA")
+    server = start_server("-v", "backend=vddk",
+                          "libdir=" + fake_vddk.libdir, name, *args,
+                          env=fake_vddk.env)
+    proc = run([need("nbdinfo"), "--size", server.uri], check=False)
+    assert proc.returncode != 0
+    assert "Failed to verify SSL certificate: actual thumbprint=" \
+        in server.log()
+
+
+# -- library variants
+
+
+@pytest.mark.parametrize("major,optional", [(6, False), (7, True),
+                                            (8, True), (9, True)])
+def test_every_library_version_serves(make_fake_vddk, start_server,
+                                      major, optional):
+    fake = make_fake_vddk(major=major, optional=optional)
+    server = serve(start_server, fake, "-v", fake.local_disk(size=2 * MiB))
+    assert run([need("nbdinfo"), "--size", server.uri]).stdout.strip() \
+        == str(2 * MiB)
+    # The disk is one big hole: only QueryAllocatedBlocks can say so.
+    kinds = set(line.split()[2] for line in
+                run([need("nbdinfo"), "--map", server.uri]).stdout
+                .splitlines() if line.strip())
+    assert kinds == ({"3"} if optional else {"0"})
+    assert ("no VixDiskLib_QueryAllocatedBlocks" in server.log()) \
+        == (not optional)
+    assert "libvixDiskLib.so.%d (major version %d)" % (major, major) \
+        in server.log()
