@@ -374,3 +374,46 @@ def test_one_thread_still_serves_many_requests(start_server, disk,
     out = str(tmp_path / "copy.raw")
     run(["nbdcopy", "--requests=16", server.uri, out])
     assert os.path.getsize(out) == DISK_SIZE
+
+
+def test_signal_stops_a_single_connection_server(disk):
+    server = subprocess.Popen(vddktool_cmd("-s", disk), cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    try:
+        assert server.stdout.read(8) == b"NBDMAGIC"
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(20) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+        for stream in (server.stdin, server.stdout, server.stderr):
+            stream.close()
+
+
+# ---------------------------------------------------------------------------
+# bugs must not hang the process
+
+SERVER_BUG = """
+import sys
+import vddktool.server
+
+def serve_forever(self, listen_sockets):
+    raise RuntimeError("injected failure")
+
+vddktool.server.Server.serve_forever = serve_forever
+from vddktool.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_unexpected_error_while_serving_is_reported(disk, tmp_path):
+    sock = str(tmp_path / "bug.sock")
+    proc = run([sys.executable, "-c", SERVER_BUG, "-f", "-U", sock, disk],
+               cwd=ROOT, check=False, timeout=20)
+    assert proc.returncode == 1
+    assert "vddktool: error: internal error: RuntimeError: injected " \
+        "failure" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(sock)

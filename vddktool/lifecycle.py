@@ -115,6 +115,8 @@ def listen_activated(fds):
         sock = socket_from_fd(fd)
         sock.set_inheritable(False)
         listeners.sockets.append(sock)
+    log.debug("socket activation: serving %d inherited socket(s)",
+              len(fds))
     return listeners
 
 
@@ -140,6 +142,7 @@ def listen_unix(path):
     listeners.sockets.append(sock)
     listeners.unix_path = path
     listeners.adopt()
+    log.debug("listening on Unix socket %s", path)
     return listeners
 
 
@@ -180,7 +183,11 @@ def listen_tcp(ipaddr, port):
                          "host name of this machine)" % (ipaddr, e.strerror))
     failures = []
     for family, socktype, proto, _, address in addresses:
-        sock = socket.socket(family, socktype, proto)
+        try:
+            sock = socket.socket(family, socktype, proto)
+        except OSError as e:
+            failures.append(e)
+            continue
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
@@ -194,6 +201,7 @@ def listen_tcp(ipaddr, port):
             failures.append(e)
             continue
         listeners.sockets.append(sock)
+        log.debug("listening on %s port %d", address[0], port)
     if not listeners.sockets:
         reason = failures[0].strerror if failures else "no address"
         option = "-i" if ipaddr else "-p"
@@ -255,6 +263,7 @@ class CaptiveCommand(object):
         self._proc = None
 
     def start(self):
+        log.debug("--run: starting the command")
         self._proc = subprocess.Popen(["/bin/sh", "-c", self.command],
                                       env=self.env, close_fds=True)
         watcher = threading.Thread(target=self._wait, name="run-command")
@@ -292,6 +301,7 @@ def daemonize():
     if os.fork() > 0:
         os._exit(0)
     os.setsid()
+    log.debug("running in the background as process %d", os.getpid())
     os.chdir("/")
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
