@@ -390,7 +390,9 @@ class Disk(object):
     @property
     def preferred_block_size(self):
         """A grain: smaller writes to sparse extents read-modify-write."""
-        grains = [getattr(e, "grain_bytes", 0) for e in self.extents]
+        # grain_bytes here, grain_size (bytes) in the grain-table readers.
+        grains = [getattr(e, "grain_bytes", 0) or getattr(e, "grain_size", 0)
+                  for e in self.extents]
         return max([4096] + grains)
 
     def describe(self):
