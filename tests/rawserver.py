@@ -274,7 +274,25 @@ else:
     import subprocess
 
     import pytest
-    from conftest import Server, wait_for_socket
+    from conftest import CLIENT_ENV, Server, need, run, wait_for_socket
+
+    def nbdsh(script, check=True):
+        """Run a Python script inside nbdsh (``h`` is a fresh handle)."""
+        return run([need("nbdsh"), "-c", script], check=check)
+
+    def make_disk(path, size=4 << 20, data=((1 << 20, 65536),
+                                            (3 << 20, 4096))):
+        """A sparse file with random data at the given (offset, length)
+        runs; returns its bytes."""
+        content = bytearray(size)
+        with open(path, "wb") as f:
+            f.truncate(size)
+            for offset, length in data:
+                chunk = os.urandom(length)
+                f.seek(offset)
+                f.write(chunk)
+                content[offset:offset + length] = chunk
+        return bytes(content)
 
     @pytest.fixture
     def raw_server(tmp_path):

@@ -556,8 +556,8 @@ class Handshake(object):
         flags = CLIENT_FLAGS.unpack(self._take(CLIENT_FLAGS.size))[0]
         if flags & ~KNOWN_CLIENT_FLAGS:
             return self._close("unknown client flags 0x%x" % flags)
-        if not flags & CLIENT_FLAG_FIXED_NEWSTYLE:
-            return self._close("client does not speak fixed newstyle")
+        # A plain newstyle client (no FIXED_NEWSTYLE bit) is served too,
+        # as nbdkit does: all it can send is EXPORT_NAME.
         self.no_zeroes = bool(flags & CLIENT_FLAG_NO_ZEROES)
         self._state = _OPTION_HEADER
         return self._read_option_header()
