@@ -190,7 +190,7 @@ def test_partial_grain_of_a_child_takes_the_parent_data(tmp_path):
         with pytest.raises(VmdkError, match="parent"):
             extent.write(512, b"\x22" * 512)
         parent = bytes(range(256)) * 16          # one 4 KiB grain
-        extent.read_parent = lambda offset, count: parent[:count]
+        extent.backing = lambda offset, count: parent[:count]
         extent.write(512, b"\x22" * 512)
         got = bytes(extent.read(0, 4096)[0][1])
         assert got == parent[:512] + b"\x22" * 512 + parent[1024:]

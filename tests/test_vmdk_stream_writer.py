@@ -189,6 +189,26 @@ def test_zero_requests(tmp_path):
     qemu_accepts(tmp_path, path, bytes(expected))
 
 
+def test_zeroing_far_ahead_does_not_finish_buffered_grains(tmp_path):
+    # nbdcopy zeroes the holes of its source as it finds them, possibly
+    # far ahead of the data it is still writing.
+    size = (2 * WINDOW_GRAINS + 4) * GRAIN
+    path = str(tmp_path / "s.vmdk")
+    writer = create_stream_optimized(path, size, "ide", 4)
+    try:
+        writer.write(GRAIN, b"\x0a" * 512)
+        writer.zero(size - 2 * GRAIN, 2 * GRAIN)
+        writer.write(GRAIN + 512, b"\x0b" * 512)   # still accepted
+    finally:
+        writer.close()
+    extent = StreamExtent(path, size)
+    try:
+        assert bytes(extent.read(GRAIN, 1024)[0][1]) == (
+            b"\x0a" * 512 + b"\x0b" * 512)
+    finally:
+        extent.close()
+
+
 def test_writes_outside_the_disk_are_refused(tmp_path):
     path = str(tmp_path / "s.vmdk")
     writer = create_stream_optimized(path, MIB, "ide", 4)

@@ -54,10 +54,11 @@ class CowdExtent(GrainTableExtent):
     """A vmfsSparse extent, readable and (if ``writable``) writable."""
 
     grains_per_table = TABLE_ENTRIES
-    #: For a child: ``read_parent(offset, count) -> bytes``, what the parent
-    #: holds under this extent.  The disk layer sets it so a write covering
-    #: part of a new grain keeps the parent's data in the rest of it.
-    read_parent = None
+    #: ``backing(offset, count) -> bytes``: what the parent disk holds under
+    #: this extent, set by the disk layer when there is a parent, so a
+    #: write covering part of a new grain keeps the parent's data in the
+    #: rest of it.
+    backing = None
 
     def __init__(self, path, size_bytes, writable=False):
         self.path = path
@@ -147,15 +148,15 @@ class CowdExtent(GrainTableExtent):
 
     def zero(self, offset, count, may_trim=False):
         """Allocated grains get zeros written.  Unallocated grains already
-        read as zeros in a root disk; in a child they would show the
-        parent, so they are allocated and zeroed."""
+        read as zeros in a root disk; under a parent they would show the
+        parent's data, so they are allocated and zeroed."""
         self._check_writable()
         self._check_range(offset, count)
         with self._lock:
             position = offset
             for length, state, where, start, _ in list(
                     self._pieces(offset, count)):
-                if state == DATA or not self.is_root:
+                if state == DATA or self._has_parent():
                     self._write_zeros(position, length)
                 position += length
 
@@ -244,19 +245,22 @@ class CowdExtent(GrainTableExtent):
             os.pwrite(self.fd, pack_le_array(table[low:high]),
                       self.directory[table_index] * SECTOR + low * 4)
 
+    def _has_parent(self):
+        return self.backing is not None or not self.is_root
+
     def _fill_partial_grain(self, buffer, n, grain):
-        """What a new grain holds outside the bytes being written: zeros in
-        a root disk, the parent's data in a child."""
-        if self.is_root:
+        """What a new grain holds outside the bytes being written: the
+        parent's data, or zeros in a root disk."""
+        if not self._has_parent():
             return
-        if self.read_parent is None:
+        if self.backing is None:
             raise VmdkError("%s: a write covering part of a new grain of a "
                             "snapshot needs the parent's data, and none is "
                             "available (write whole %d-byte grains)"
                             % (self.path, self.grain_size))
         grain_size = self.grain_size
         length = min(grain_size, self.size - grain * grain_size)
-        buffer[n * grain_size:n * grain_size + length] = self.read_parent(
+        buffer[n * grain_size:n * grain_size + length] = self.backing(
             grain * grain_size, length)
 
     def _ensure_table(self, table_index):

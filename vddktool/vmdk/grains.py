@@ -89,6 +89,12 @@ class GrainTableExtent(ExtentReader):
     #: True when a DATA grain is not raw bytes at a file offset
     compressed = False
 
+    @property
+    def grain_bytes(self):
+        """The grain in bytes, under the name the disk layer reads to
+        choose its preferred request size."""
+        return self.grain_size
+
     def _table(self, table_index):
         """The grain table (an indexable of raw entries), or None when the
         directory has no table there (every grain under it unallocated)."""

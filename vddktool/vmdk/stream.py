@@ -286,6 +286,10 @@ class StreamWriter(GrainTableExtent):
 
     compressed = True
     writable = True
+    #: Writes must arrive roughly in order: a backend serving this extent
+    #: must not advertise multi-conn (nbdcopy would then copy separate
+    #: regions of the disk at once, far apart).
+    sequential_writes_only = True
 
     def __init__(self, path, size_bytes, adapter_type="ide", hwversion=4):
         if size_bytes <= 0 or size_bytes % SECTOR:
@@ -347,7 +351,8 @@ class StreamWriter(GrainTableExtent):
                 chunk = data[position - offset:position - offset + length]
                 self._pending_grain(grain).fill(start, chunk)
                 position += length
-            self._append_ready_grains(end)
+            self._append_complete_head()
+            self._append_behind_window(end)
 
     def zero(self, offset, count, may_trim=False):
         """Unwritten parts of a new stream read as zeros already, so only
@@ -366,7 +371,10 @@ class StreamWriter(GrainTableExtent):
                 start = max(offset, base) - base
                 stop = min(offset + count, base + len(pending.data)) - base
                 pending.fill(start, bytes(stop - start))
-            self._append_ready_grains(offset)
+            # Zeros add no data, so they never push the window forwards: a
+            # client zeroing the tail of the disk early must not finish
+            # grains it has yet to write.
+            self._append_complete_head()
 
     def flush(self):
         """Make everything written so far durable: buffered grains become
@@ -451,14 +459,17 @@ class StreamWriter(GrainTableExtent):
                 "I", bytes(4 * self.grains_per_table))
         return table
 
-    def _append_ready_grains(self, frontier):
-        """Append the complete grains at the head of the buffer, then any
-        grain that fell more than the window behind ``frontier``."""
+    def _append_complete_head(self):
+        """Append the complete grains at the head of the buffer."""
         while True:
             pending = self._pending.get(self._next_grain)
             if pending is None or not pending.complete():
                 break
             self._advance_to(self._next_grain + 1)
+
+    def _append_behind_window(self, frontier):
+        """Append every grain that fell more than the window behind the
+        data written up to ``frontier``, complete or not."""
         behind = frontier // self.grain_size - WINDOW_GRAINS
         if behind > self._next_grain:
             self._advance_to(behind)
