@@ -145,3 +145,26 @@ def test_create_refuses_an_existing_file(image):
     backend = backend_for(file=str(image), create=True, create_size=MiB)
     with pytest.raises(UsageError, match="already exists"):
         backend.config_complete()
+
+
+def test_a_file_we_may_not_write_is_served_read_only(image, monkeypatch,
+                                                     capfd):
+    from vddktool.vmdk import backend as backend_module
+    from vddktool.vmdk.extent import VmdkError
+    real_disk = backend_module.Disk
+
+    def disk_refusing_writes(path, writable=False, single_link=False):
+        if writable:
+            error = VmdkError("%s: cannot open: Permission denied" % path)
+            error.errno = errno.EACCES
+            raise error
+        return real_disk(path, writable, single_link)
+
+    monkeypatch.setattr(backend_module, "Disk", disk_refusing_writes)
+    backend = backend_for(file=str(image))
+    backend.get_ready()
+    try:
+        assert not backend.open("", False).can_write()
+    finally:
+        backend.cleanup()
+    assert "serving read-only" in capfd.readouterr().err

@@ -192,9 +192,7 @@ class NativeBackend(Backend):
             if self.disk is not None:
                 return self.disk
             try:
-                self.disk = Disk(self.path, writable=not self.readonly,
-                                 single_link=bool(self.params.get(
-                                     "single-link")))
+                self.disk = self._open_disk(not self.readonly)
             except VmdkError as e:
                 raise UsageError("file: %s" % e)
             except OSError as e:
@@ -204,6 +202,20 @@ class NativeBackend(Backend):
                       len(self.disk.extents),
                       ", with parents" if self.disk.parent else "")
             return self.disk
+
+    def _open_disk(self, writable):
+        single_link = bool(self.params.get("single-link"))
+        try:
+            return Disk(self.path, writable=writable, single_link=single_link)
+        except VmdkError as e:
+            if not writable or getattr(e, "errno", None) not in (
+                    errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+        # Like nbdkit's file plugin: a file we may not write is served
+        # read-only rather than not at all.
+        log.warning("%s: cannot open for writing, serving read-only "
+                    "(add -r to silence this)", self.path)
+        return Disk(self.path, writable=False, single_link=single_link)
 
     def describe(self, export_name):
         if self.disk is not None:

@@ -168,7 +168,7 @@ class Disk(object):
                 self.parent = self._open_parent(_chain + (self.path,))
             self._give_extents_backing()
         except BaseException:
-            self.close(clean=False)
+            self.close()
             raise
         self.size = sum(e.size for e in self.extents)
         self.writable = any(e.writable for e in self.extents)
@@ -268,21 +268,34 @@ class Disk(object):
     # --- reading -------------------------------------------------------------
     def read(self, offset, count):
         """[(offset, data or None)] covering the range; None reads zeros."""
+        if len(self.extents) == 1 and offset + count <= self.size:
+            # The common case, kept short: one extent, often one piece.
+            pieces = self.extents[0].read(offset, count)
+            if len(pieces) == 1 and not isinstance(pieces[0][1], str):
+                return [(offset, pieces[0][1])]
+            return self._resolve(offset, pieces)
         pieces = []
         pos = offset
         end = min(offset + count, self.size)
         for extent, within, n, _ in self._spans(offset, end - offset):
-            for length, value in extent.read(within, n):
-                if value is UNALLOCATED and self.parent is not None:
-                    pieces.extend(self.parent.read(pos, length))
-                elif value is UNALLOCATED or value is ZERO:
-                    pieces.append((pos, None))
-                else:
-                    pieces.append((pos, value))
-                pos += length
+            pieces.extend(self._resolve(pos, extent.read(within, n)))
+            pos += n
         if pos < offset + count:
             # Past the end of a smaller parent: zeros.
             pieces.append((pos, None))
+        return _merge_holes(pieces)
+
+    def _resolve(self, pos, extent_pieces):
+        """Extent pieces -> disk pieces: parents fill the unallocated."""
+        pieces = []
+        for length, value in extent_pieces:
+            if value is UNALLOCATED and self.parent is not None:
+                pieces.extend(self.parent.read(pos, length))
+            elif value is UNALLOCATED or value is ZERO:
+                pieces.append((pos, None))
+            else:
+                pieces.append((pos, value))
+            pos += length
         return _merge_holes(pieces)
 
     def read_bytes(self, offset, count):
@@ -379,7 +392,7 @@ class Disk(object):
             if extent.writable:
                 extent.flush()
 
-    def close(self, clean=True):
+    def close(self):
         for extent in self.extents:
             extent.close()
         self.extents = []

@@ -89,7 +89,10 @@ def open_file(path, writable):
         return os.open(path, (os.O_RDWR if writable else os.O_RDONLY)
                        | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
-        raise VmdkError("%s: cannot open: %s" % (path, e.strerror))
+        error = VmdkError("%s: cannot open: %s" % (path, e.strerror))
+        # Kept so the backend can fall back to read-only on EACCES/EROFS.
+        error.errno = e.errno
+        raise error
 
 
 def file_size(fd):
