@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from conftest import vddktool
+from conftest import CLIENT_ENV, vddktool
+from fake_vddk.fixtures import fake_vddk  # noqa: F401 (a fixture)
 from vddktool import __version__, cli, params
 from vddktool.engine import UsageError
 
@@ -67,9 +68,20 @@ def test_dump_plugin_prints_the_generic_lines():
     assert all(re.match(r"^[\w.]+=", line) for line in lines), lines
 
 
-def test_dump_plugin_accepts_the_plugin_word_and_libdir(tmp_path):
-    proc = vddktool("vddk", "--dump-plugin", "libdir=%s" % tmp_path)
-    assert "name=vddk" in proc.stdout.splitlines()
+def test_dump_plugin_without_vddk_still_prints_the_vddk_facts(tmp_path):
+    lines = vddktool("vddk", "--dump-plugin",
+                     "libdir=%s" % tmp_path).stdout.splitlines()
+    assert "name=vddk" in lines
+    assert "vddk_has_nfchostport=1" in lines
+    assert not any(line.startswith("vddk_library_version=")
+                   for line in lines)
+
+
+def test_dump_plugin_reports_the_loaded_library(fake_vddk):
+    lines = vddktool("--dump-plugin", "libdir=" + fake_vddk.libdir,
+                     env=dict(CLIENT_ENV, **fake_vddk.env)).stdout.splitlines()
+    assert lines.index("name=vddk") < lines.index("vddk_library_version=8")
+    assert "vddk_dll=%s" % fake_vddk.library in lines
 
 
 # ---------------------------------------------------------------------------

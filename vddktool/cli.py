@@ -28,6 +28,7 @@ from .vmdk.extent import VmdkError
 ORIGINAL_ARGV = list(sys.argv)
 
 PLUGIN_WORD = "vddk"
+_daemonized = False
 DEFAULT_THREADS = 16
 MAX_EXPORT_NAME = 4096
 
@@ -442,7 +443,11 @@ def main(argv=None):
 
 
 def _fail(message):
-    """One line on stderr, whatever --log says: the user must see it."""
+    """One line on stderr, whatever --log says: the user must see it.  A
+    daemon has no stderr, so there it goes to the log (syslog)."""
+    if _daemonized:
+        log.error("%s", message)
+        return 1
     line = "%s: %s\n" % (log.PROGRAM, message)
     try:
         os.write(2, line.encode("utf-8", "replace"))
@@ -495,11 +500,7 @@ def _serve(options, backend, listeners):
     from .vddk.reexec import caller_environment
 
     if should_daemonize(options, listeners):
-        _check_pidfile_writable(options.pidfile)
-        lifecycle.daemonize()
-        listeners.adopt()
-        if options.log_destination is None:
-            log.configure(options.verbose, "syslog")
+        _become_daemon(options, listeners)
     if options.pidfile:
         lifecycle.write_pidfile(options.pidfile)
 
@@ -511,7 +512,11 @@ def _serve(options, backend, listeners):
     if options.exit_with_parent:
         lifecycle.exit_with_parent(stopper.stop)
 
-    backend.after_fork()
+    try:
+        backend.after_fork()
+    except BaseException:
+        _cleanup(backend)
+        raise
     status = 0
     try:
         server = Server(backend, settings)
@@ -544,6 +549,16 @@ def _serve(options, backend, listeners):
         status = 1
     _cleanup(backend)
     return status
+
+
+def _become_daemon(options, listeners):
+    global _daemonized
+    _check_pidfile_writable(options.pidfile)
+    lifecycle.daemonize()
+    _daemonized = True
+    listeners.adopt()
+    if options.log_destination is None:
+        log.configure(options.verbose, "syslog")
 
 
 class Stopper(object):
