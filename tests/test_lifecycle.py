@@ -217,6 +217,17 @@ def test_socket_activation_refuses_listen_options(disk):
         in proc.stderr
 
 
+def test_activated_fd_that_is_not_a_socket(disk):
+    script = ('export LISTEN_FDS=1 LISTEN_PID=$$; exec 3</dev/null; '
+              'exec "$@"')
+    proc = run(["sh", "-c", script, "sh"] + vddktool_cmd(disk), cwd=ROOT,
+               check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("vddktool: LISTEN_FDS: file descriptor 3 "
+                                  "is not a socket")
+    assert len(proc.stderr.splitlines()) == 1
+
+
 def test_activation_for_another_pid_is_ignored(disk):
     """LISTEN_FDS meant for a parent must not make us serve fd 3."""
     env = dict(CLIENT_ENV, LISTEN_PID="1", LISTEN_FDS="1")

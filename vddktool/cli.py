@@ -438,6 +438,11 @@ def main(argv=None):
         return _fail(str(e))
     except EngineError as e:
         return _fail(e.message)
+    except OSError as e:
+        # The system refused something at start-up (fork, a temp dir, an
+        # inherited fd that is not a socket): say what, without a traceback.
+        return _fail("%s%s" % (e.strerror or e, ": %s" % e.filename
+                               if e.filename else ""))
     except KeyboardInterrupt:
         return 130
 

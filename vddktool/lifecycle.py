@@ -112,7 +112,13 @@ def listen_activated(fds):
     listeners = Listeners()
     listeners.activated = True
     for fd in fds:
-        sock = socket_from_fd(fd)
+        try:
+            sock = socket_from_fd(fd)
+        except OSError as e:
+            raise UsageError("LISTEN_FDS: file descriptor %d is not a "
+                             "socket: %s (start the server from systemd or "
+                             "libnbd, or unset LISTEN_PID and LISTEN_FDS)"
+                             % (fd, e.strerror))
         sock.set_inheritable(False)
         listeners.sockets.append(sock)
     log.debug("socket activation: serving %d inherited socket(s)",
