@@ -26,11 +26,13 @@ if [ -n "$missing" ]; then
 fi
 
 # --- interpreters ----------------------------------------------------------
+# pyenv's versions directory, read directly: CI may not have pyenv on PATH.
+pyenv_versions=${PYENV_ROOT:-$HOME/.pyenv}/versions
 pythons=()
 if [ -n "${PYTHONS:-}" ]; then
     for v in $PYTHONS; do pythons+=("$v"); done
-elif command -v pyenv >/dev/null 2>&1; then
-    for v in $(pyenv versions --bare | grep -E '^3\.(6|7|8|9|10|11|12|13)\.' | sort -V); do
+elif [ -d "$pyenv_versions" ]; then
+    for v in $(ls "$pyenv_versions" | grep -E '^3\.(6|7|8|9|10|11|12|13)\.[0-9]+$' | sort -V); do
         pythons+=("${v%.*}")
     done
 fi
@@ -38,9 +40,9 @@ fi
 
 interpreter() {  # X.Y -> path of that CPython
     local v=$1 full
-    if command -v pyenv >/dev/null 2>&1; then
-        full=$(pyenv versions --bare | grep -E "^${v//./\\.}\.[0-9]+$" | sort -V | tail -1)
-        [ -n "$full" ] && { echo "$(pyenv root)/versions/$full/bin/python$v"; return; }
+    if [ -d "$pyenv_versions" ]; then
+        full=$(ls "$pyenv_versions" | grep -E "^${v//./\\.}\.[0-9]+$" | sort -V | tail -1)
+        [ -n "$full" ] && { echo "$pyenv_versions/$full/bin/python$v"; return; }
     fi
     command -v "python$v"
 }
