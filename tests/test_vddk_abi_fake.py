@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -476,3 +477,46 @@ def test_freeing_connect_params_it_did_not_allocate_is_refused(session):
     session.lib.call("FreeConnectParams", ctypes.byref(own))
     assert session.warnings == [
         "VixDiskLib: FreeConnectParams of memory it did not allocate"]
+
+
+# -- Open and Close must be serialized by the caller
+
+def test_overlapping_opens_are_caught(session):
+    connection = session.connect()
+    disk = session.fake.local_disk()
+    results = []
+
+    def open_disk():
+        handle = abi.HandlePtr()
+        results.append(session.lib.call("Open", connection, disk.encode(),
+                                        0, ctypes.byref(handle)))
+
+    threads = [threading.Thread(target=open_disk) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert session.fake.calls("Overlap")
+    assert abi.VIX_E_FAIL in results
+    assert any("while another Open or Close runs" in warning
+               for warning in session.warnings)
+
+
+def test_serialized_opens_and_closes_are_not_overlaps(session):
+    connection = session.connect()
+    disk = session.fake.local_disk()
+    lock = threading.Lock()
+
+    def open_and_close():
+        with lock:
+            handle = session.open(connection, disk)
+        with lock:
+            session.lib.check("Close", handle)
+
+    threads = [threading.Thread(target=open_and_close) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert session.fake.call_names().count("Close") == 4
+    assert not session.fake.calls("Overlap")

@@ -7,8 +7,9 @@ fake's C structures; these tests close the loop through the whole program
 """
 
 import struct
+import subprocess
 
-from conftest import need, run
+from conftest import CLIENT_ENV, need, run
 from fake_vddk.fixtures import fake_vddk  # noqa: F401 (fixture)
 from test_vddk_abi import DOCUMENTED_LAYOUT
 
@@ -98,3 +99,22 @@ def test_create_params_reach_documented_offsets(fake_vddk, start_server,
     assert _field(raw, "CreateParams.adapterType", "<i") == 3   # LSILOGIC
     assert _field(raw, "CreateParams.hwVersion", "<H") == 13    # ESX65
     assert _field(raw, "CreateParams.capacity", "<Q") == 3 * 2048
+
+
+def test_concurrent_clients_never_overlap_open_and_close(fake_vddk,
+                                                         start_server):
+    """VDDK crashes when Open or Close run in two threads at once; the
+    fake records such overlaps, and the server must cause none."""
+    disk = fake_vddk.local_disk(size=1024 * 1024)
+    server = start_server("vddk", "libdir=" + fake_vddk.libdir,
+                          "file=" + disk, env=fake_vddk.env)
+    clients = [subprocess.Popen([need("nbdinfo"), "--size", server.uri],
+                                stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=CLIENT_ENV)
+               for _ in range(6)]
+    outputs = [client.communicate(timeout=60) for client in clients]
+    server.stop()
+    assert [out.strip() for out, _ in outputs] == [b"1048576"] * 6, outputs
+    assert fake_vddk.call_names().count("Open") == 6
+    assert fake_vddk.call_names().count("Close") == 6
+    assert not fake_vddk.calls("Overlap")

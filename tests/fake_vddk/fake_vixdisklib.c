@@ -182,6 +182,9 @@ count_outstanding (int delta)
 
 /* Pass a real varargs list, as VDDK does, so the binding's vsnprintf
  * path is what formats it. */
+static void call_logger (LogFunc *fn, const char *fmt, ...)
+  __attribute__((format (printf, 2, 3)));
+
 static void
 call_logger (LogFunc *fn, const char *fmt, ...)
 {
@@ -206,6 +209,9 @@ or_null (const char *s)
 /* One line per call of interest, appended to $FAKE_VDDK_RECORD.  A
  * single write(2) on an O_APPEND file keeps lines from async worker
  * threads whole. */
+static void record (const char *fmt, ...)
+  __attribute__((format (printf, 1, 2)));
+
 static void
 record (const char *fmt, ...)
 {
@@ -272,6 +278,33 @@ covers_fault (const char *name, uint64_t sector, uint64_t count)
   return at >= 0 &&
     (uint64_t) at >= sector * SECTOR_SIZE &&
     (uint64_t) at < (sector + count) * SECTOR_SIZE;
+}
+
+/* Real VDDK's Open and Close must not run in several threads at once
+ * (callers serialize them process-wide).  Each takes a little while here
+ * so that an overlap is caught: it is recorded as "Overlap call=NAME" and
+ * reported through the warning callback. */
+static int open_close_busy;
+
+static int
+enter_open_close (const char *name)
+{
+  struct timespec pause = { 0, 2 * 1000 * 1000 };
+  int overlapped = __atomic_add_fetch (&open_close_busy, 1,
+                                       __ATOMIC_SEQ_CST) > 1;
+
+  if (overlapped) {
+    record ("Overlap call=%s", name);
+    WARN ("VixDiskLib: %s called while another Open or Close runs\n", name);
+  }
+  nanosleep (&pause, NULL);
+  return overlapped;
+}
+
+static void
+leave_open_close (void)
+{
+  __atomic_sub_fetch (&open_close_busy, 1, __ATOMIC_SEQ_CST);
 }
 
 /* ---- Functions every supported VDDK has. */
@@ -540,17 +573,34 @@ backing_file (const struct connection *conn, const char *path)
   return file;
 }
 
+static VixError open_disk (struct connection *conn, const char *path,
+                           uint32_t flags, struct handle **out);
+
 EXPORT VixError
 VixDiskLib_Open (struct connection *conn, const char *path, uint32_t flags,
                  struct handle **out)
+{
+  VixError err;
+
+  record ("Open path=%s flags=%u", or_null (path), flags);
+  LOG ("VixDiskLib: Open %s flags %u\n", or_null (path), flags);
+  if (enter_open_close ("Open"))
+    err = VIX_E_FAIL;
+  else
+    err = open_disk (conn, path, flags, out);
+  leave_open_close ();
+  return err;
+}
+
+static VixError
+open_disk (struct connection *conn, const char *path, uint32_t flags,
+           struct handle **out)
 {
   struct handle *h;
   struct stat st;
   char *file;
   int fd, read_only;
 
-  record ("Open path=%s flags=%u", or_null (path), flags);
-  LOG ("VixDiskLib: Open %s flags %u\n", or_null (path), flags);
   if (conn == NULL || path == NULL || out == NULL)
     return VIX_E_INVALID_ARG;
   if (env_value ("FAKE_VDDK_FAIL_OPEN")) {
@@ -568,11 +618,13 @@ VixDiskLib_Open (struct connection *conn, const char *path, uint32_t flags,
   read_only = conn->read_only || (flags & OPEN_READ_ONLY);
   fd = open (file, (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
   if (fd == -1 || fstat (fd, &st) == -1) {
-    LOG ("VixDiskLib: cannot open %s: %s\n", file, strerror (errno));
+    int failure = errno;
+
+    LOG ("VixDiskLib: cannot open %s: %s\n", file, strerror (failure));
     if (fd >= 0)
       close (fd);
     free (file);
-    return errno == ENOENT ? VIX_E_FILE_NOT_FOUND : VIX_E_FILE_ERROR;
+    return failure == ENOENT ? VIX_E_FILE_NOT_FOUND : VIX_E_FILE_ERROR;
   }
 
   h = calloc (1, sizeof *h);
@@ -603,6 +655,8 @@ VixDiskLib_Close (struct handle *h)
   record ("Close");
   if (h == NULL)
     return VIX_E_INVALID_ARG;
+  /* Closing anyway after an overlap: a leak would hide the real fault. */
+  enter_open_close ("Close");
   /* Never free a handle a worker thread still uses. */
   wait_idle (h);
   close (h->fd);
@@ -610,6 +664,7 @@ VixDiskLib_Close (struct handle *h)
   pthread_mutex_destroy (&h->lock);
   pthread_cond_destroy (&h->idle);
   free (h);
+  leave_open_close ();
   return VIX_OK;
 }
 

@@ -14,6 +14,9 @@ What the environment does (see fake_vixdisklib.c):
   FAKE_VDDK_FAIL_READ_AT=N     reads covering byte N fail
   FAKE_VDDK_FAIL_WRITE_AT=N    writes covering byte N fail
   FAKE_VDDK_FAIL_OPEN=1        Open fails with VDDK's "Error 1"
+
+Open and Close calls that overlap in time (VDDK needs them serialized) are
+recorded as "Overlap" calls, warned about, and make Open fail.
 """
 
 import ctypes
@@ -41,6 +44,8 @@ RECORD_FIELDS = {
     "ReadAsync": ("sector", "count"),
     "WriteAsync": ("sector", "count"),
     "QueryAllocatedBlocks": ("start", "count", "chunk"),
+    # Open or Close entered while another Open or Close was running.
+    "Overlap": ("call",),
 }
 
 # Values may hold spaces ("[ds] dir/f.vmdk"), so each call's line is
