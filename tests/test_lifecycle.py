@@ -428,3 +428,24 @@ def test_unexpected_error_while_serving_is_reported(disk, tmp_path):
         "failure" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(sock)
+
+
+# ---------------------------------------------------------------------------
+# -v and --log
+
+
+def test_verbose_messages_go_to_stderr(disk):
+    proc = vddktool("-v", "-U", "-", disk, "--run", "true")
+    assert "vddktool: debug: listening on Unix socket " in proc.stderr
+
+
+def test_log_null_silences_even_verbose_messages(disk):
+    proc = vddktool("-v", "--log=null", "-U", "-", disk, "--run", "true")
+    assert proc.stderr == ""
+
+
+def test_log_null_still_shows_mistakes(disk):
+    proc = vddktool("--log=null", "-U", "-", disk, "colour=red",
+                    check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("vddktool: colour: unknown parameter")
