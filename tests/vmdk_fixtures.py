@@ -313,3 +313,45 @@ def mapped(extent):
         runs.append((offset, length, state))
         offset += length
     return runs
+
+
+# --- through a running server -------------------------------------------------
+
+def served_bytes(server, tmp_path, name="served.raw"):
+    """Everything the server serves, copied out with nbdcopy."""
+    from conftest import need, run
+    need("nbdcopy")
+    out = tmp_path / name
+    run(["nbdcopy", server.uri, str(out)])
+    return out.read_bytes()
+
+
+def served_map(server):
+    """nbdinfo --map as [(offset, length, "data"|"zero")], neighbours of
+    the same kind merged (hole+zero and plain zero both count as zero)."""
+    import json
+    from conftest import need, run
+    need("nbdinfo")
+    runs = []
+    for entry in json.loads(run(["nbdinfo", "--map", "--json",
+                                 server.uri]).stdout):
+        kind = "zero" if entry["type"] & 2 else "data"
+        if runs and runs[-1][2] == kind:
+            runs[-1] = (runs[-1][0], runs[-1][1] + entry["length"], kind)
+        else:
+            runs.append((entry["offset"], entry["length"], kind))
+    return runs
+
+
+def expected_map(data, unit, stored):
+    """The map a server should give for grains of ``unit`` bytes when the
+    grains in ``stored`` hold data and the rest read as zeros."""
+    runs = []
+    for index in range(-(-len(data) // unit)):
+        kind = "data" if index in stored else "zero"
+        length = min(unit, len(data) - index * unit)
+        if runs and runs[-1][2] == kind:
+            runs[-1] = (runs[-1][0], runs[-1][1] + length, kind)
+        else:
+            runs.append((index * unit, length, kind))
+    return runs
