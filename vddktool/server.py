@@ -11,6 +11,7 @@ then stays readable, waking every select() that watches it, now or later.
 """
 
 import errno
+import itertools
 import os
 import queue
 import select
@@ -545,9 +546,10 @@ class _NbdHandler(socketserver.BaseRequestHandler):
     def handle(self):
         sock = self.request
         sock.setblocking(True)
-        peer = self.client_address or "unix socket"
-        Connection(self.server.nbd_server, _SocketChannel(sock),
-                   str(peer)).run()
+        nbd_server = self.server.nbd_server
+        peer = "connection %d (%s)" % (nbd_server._next_connection_number(),
+                                       self.client_address or "unix socket")
+        Connection(nbd_server, _SocketChannel(sock), peer).run()
 
 
 def _listener_for(sock):
@@ -571,6 +573,7 @@ class Server(object):
         self._lock = threading.Lock()
         self._connections = set()
         self._threads = set()
+        self._connection_numbers = itertools.count(1)
 
     def shutdown(self):
         """Stop serving.  Signal-safe: no locks, one non-blocking write."""
@@ -605,6 +608,10 @@ class Server(object):
             self._threads.add(thread)
         thread.start()
         return thread
+
+    def _next_connection_number(self):
+        with self._lock:
+            return next(self._connection_numbers)
 
     def _stop_connections(self):
         with self._lock:
