@@ -76,6 +76,18 @@ def test_reads_a_stream_made_by_qemu(tmp_path):
         extent.close()
 
 
+def test_compressed_grains_without_markers(tmp_path):
+    data = disk(seed=10)
+    path = str(tmp_path / "s.vmdk")
+    build_stream(path, data, footer=False, markers=False)
+    extent = open_stream(path, len(data))
+    try:
+        assert not extent.has_markers
+        assert read_all(extent) == data
+    finally:
+        extent.close()
+
+
 def test_map_matches_the_stored_grains(tmp_path):
     data = disk(seed=4)
     path = str(tmp_path / "s.vmdk")

@@ -67,18 +67,21 @@ def _marker(sectors, kind):
 
 
 def build_stream(path, data, grain_sectors=128, level=6, zeroed=(),
-                 keep_zero_grains=False, footer=True):
+                 keep_zero_grains=False, footer=True, markers=True):
     """A streamOptimized file from ``data``: VMware's layout (gdOffset all
     ones, footer, end-of-stream) or, with footer=False, a real gdOffset in
     the header.  Zero grains are left out unless keep_zero_grains; grains
-    in ``zeroed`` get the zeroed-grain table entry.  Returns the set of
-    grain indices stored with data."""
+    in ``zeroed`` get the zeroed-grain table entry.  markers=False stores
+    bare zlib streams (and no table markers), as the old compressed
+    hosted format did.  Returns the set of grain indices stored with
+    data."""
     assert len(data) % SECTOR == 0
     capacity = len(data) // SECTOR
     grain = grain_sectors * SECTOR
     per_table = 512
     tables = -(-capacity // (grain_sectors * per_table))
-    flags = 1 | (1 << 16) | (1 << 17) | ((1 << 2) if zeroed else 0)
+    flags = (1 | (1 << 16) | ((1 << 17) if markers else 0)
+             | ((1 << 2) if zeroed else 0))
     desc = _pad(('# Disk DescriptorFile\nversion=1\nCID=fffffffe\n'
                  'parentCID=ffffffff\ncreateType="streamOptimized"\n'
                  'RW %d SPARSE "%s"\n' % (capacity, os.path.basename(path))
@@ -102,15 +105,15 @@ def build_stream(path, data, grain_sectors=128, level=6, zeroed=(),
                 continue
             packed = zlib.compress(chunk, level)
             entries[slot] = len(out) // SECTOR
-            out += _pad(struct.pack("<QI", index * grain_sectors,
-                                    len(packed)) + packed)
+            head = struct.pack("<QI", index * grain_sectors, len(packed))
+            out += _pad((head if markers else b"") + packed)
             stored.add(index)
         if any(entries):
-            out += _marker(4, 1)
+            out += _marker(4, 1) if markers else b""
             directory[table] = len(out) // SECTOR
             out += struct.pack("<512I", *entries)
     gd = _pad(struct.pack("<%dI" % tables, *directory))
-    out += _marker(len(gd) // SECTOR, 2)
+    out += _marker(len(gd) // SECTOR, 2) if markers else b""
     gd_offset = len(out) // SECTOR
     out += gd
     real = _kdmv_header(capacity, grain_sectors, gd_offset, flags, 1)

@@ -26,6 +26,10 @@ at cleanup.  After every ``flush()`` and after ``close()`` the file is a
 complete stream (grain tables, directory, footer, end-of-stream), so a
 killed server leaves the data up to the last flush readable.
 
+The writer sets ``sequential_writes_only``: a backend serving it must not
+advertise multi-conn, or nbdcopy copies distant regions of the disk at
+once over several connections, which no bounded buffer can put in order.
+
 Writes must go forwards, as nbdcopy and qemu-img convert send them.
 Requests in flight arrive in any order, so grains are buffered in a window
 of ``WINDOW_GRAINS`` past the first unfinished grain; a grain is compressed
