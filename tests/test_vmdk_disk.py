@@ -286,3 +286,33 @@ def test_a_small_binary_file_is_not_taken_for_a_descriptor(tmp_path):
     path.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(100))
     with pytest.raises(VmdkError, match="junk.vmdk: not a VMDK"):
         Disk(str(path))
+
+
+def test_zeroing_a_flat_extent_may_punch_a_hole(tmp_path):
+    path = tmp_path / "p.vmdk"
+    create(str(path), 4 * MiB, "monolithic-flat")
+    disk = Disk(str(path), writable=True)
+    try:
+        disk.write(0, b"\x31" * (4 * MiB))
+        disk.zero(1 * MiB + 100, 2 * MiB, may_trim=True)
+        data = bytes(disk.read_bytes(0, 4 * MiB))
+        assert data == (b"\x31" * (MiB + 100) + bytes(2 * MiB) +
+                        b"\x31" * (MiB - 100))
+        # The aligned middle is a hole now; the unaligned edges are data.
+        assert (2 * MiB - 4096, ZERO) in disk.map(MiB + 4096, 2 * MiB - 4096)
+    finally:
+        disk.close()
+
+
+def test_trimming_a_flat_extent_frees_whole_blocks_only(tmp_path):
+    path = tmp_path / "t.vmdk"
+    create(str(path), 1 * MiB, "monolithic-flat")
+    disk = Disk(str(path), writable=True)
+    try:
+        disk.write(0, b"\x41" * MiB)
+        disk.trim(100, 8192)
+        assert bytes(disk.read_bytes(0, 4096)) == b"\x41" * 4096
+        assert bytes(disk.read_bytes(4096, 4096)) == bytes(4096)
+        assert bytes(disk.read_bytes(8192, 4096)) == b"\x41" * 4096
+    finally:
+        disk.close()
