@@ -520,3 +520,50 @@ def test_serialized_opens_and_closes_are_not_overlaps(session):
         thread.join()
     assert session.fake.call_names().count("Close") == 4
     assert not session.fake.calls("Overlap")
+
+
+# -- failures real VDDK is known for
+
+def test_local_disk_in_read_only_directory_fails_to_lock(session, tmp_path):
+    directory = tmp_path / "read-only"
+    directory.mkdir()
+    disk = str(directory / "disk.raw")
+    with open(disk, "wb") as f:
+        f.truncate(4096)
+    directory.chmod(0o555)
+    try:
+        with pytest.raises(Exception) as raised:
+            session.open(session.connect(), disk)
+        read_only = session.open(session.connect(), disk,
+                                 abi.FLAG_OPEN_READ_ONLY)
+    finally:
+        directory.chmod(0o755)
+    assert "Insufficient permissions" in str(raised.value)
+    assert session.warnings == [
+        "FILE: FileLockCreateEntryDirectory creation failure on "
+        "'%s.lck': Permission denied" % disk]
+    assert read_only
+
+
+def test_large_remote_requests_run_out_of_server_memory(fake_vddk,
+                                                        monkeypatch):
+    fake_vddk.limit_remote_requests(64 * 1024)
+    session = BindingSession(fake_vddk, monkeypatch)
+    handle = session.open(session.connect(_remote()),
+                          fake_vddk.remote_disk())
+    buffer = (ctypes.c_uint8 * (128 * 1024))()
+    assert session.lib.call("Read", handle, 0, 128, buffer) == abi.VIX_OK
+    err = session.lib.call("Read", handle, 0, 129, buffer)
+    assert "out of memory" in session.lib.error_text(err)
+    assert session.warnings == [
+        "[NFC ERROR] NfcFssrvrProcessErrorMsg: received NFC error 5 from "
+        "server: Failed to allocate the requested %d bytes"
+        % (129 * 512 + 24)]
+
+
+def test_request_limit_spares_local_disks(fake_vddk, monkeypatch):
+    fake_vddk.limit_remote_requests(512)
+    session = BindingSession(fake_vddk, monkeypatch)
+    handle = session.open(session.connect(), fake_vddk.local_disk())
+    buffer = (ctypes.c_uint8 * 4096)()
+    assert session.lib.call("Read", handle, 0, 8, buffer) == abi.VIX_OK

@@ -44,12 +44,14 @@ typedef uint64_t VixError;
 
 #define VIX_OK 0
 #define VIX_E_FAIL 1
+#define VIX_E_OUT_OF_MEMORY 2
 #define VIX_E_INVALID_ARG 3
 #define VIX_E_FILE_NOT_FOUND 4
 #define VIX_E_NOT_SUPPORTED 6
 #define VIX_E_FILE_ERROR 7
 #define VIX_E_FILE_READ_ONLY 11
 #define VIX_E_FILE_ALREADY_EXISTS 12
+#define VIX_E_FILE_ACCESS_ERROR 13
 #define VIX_E_HOST_USER_PERMISSIONS 3014
 #define VIX_ASYNC 25000
 
@@ -149,6 +151,7 @@ struct handle {
   uint64_t capacity;            /* sectors */
   char *path;                   /* the file behind the disk */
   const char *transport;
+  int remote;
   pthread_mutex_t lock;
   pthread_cond_t idle;
   unsigned pending;             /* async requests not yet completed */
@@ -340,12 +343,15 @@ error_message (VixError err)
   switch (err) {
   case VIX_OK: return "The operation was successful";
   case VIX_E_FAIL: return "Unknown error";
+  case VIX_E_OUT_OF_MEMORY: return "Memory allocation failed: out of memory";
   case VIX_E_INVALID_ARG: return "One of the parameters was invalid";
   case VIX_E_FILE_NOT_FOUND: return "The file was not found";
   case VIX_E_NOT_SUPPORTED: return "The operation is not supported";
   case VIX_E_FILE_ERROR: return "A file access error occurred";
   case VIX_E_FILE_READ_ONLY: return "The file is write-protected";
   case VIX_E_FILE_ALREADY_EXISTS: return "The file already exists";
+  case VIX_E_FILE_ACCESS_ERROR:
+    return "Insufficient permissions to access the file";
   case VIX_E_HOST_USER_PERMISSIONS:
     return "Cannot connect to host: incorrect user name or password";
   default: return "Unknown error code";
@@ -573,6 +579,29 @@ backing_file (const struct connection *conn, const char *path)
   return file;
 }
 
+/* VDDK puts a lock directory next to a local disk opened for writing.
+ * Tests run as root, for whom access(2) always grants, so a directory
+ * without any write permission bits counts as read-only too. */
+static int
+lock_directory_writable (const char *file)
+{
+  char *directory = strdup (file);
+  char *slash = strrchr (directory, '/');
+  struct stat st;
+  int writable;
+
+  if (slash == directory)
+    slash[1] = '\0';
+  else if (slash != NULL)
+    *slash = '\0';
+  else
+    strcpy (directory, ".");
+  writable = access (directory, W_OK) == 0 &&
+    stat (directory, &st) == 0 && (st.st_mode & 0222) != 0;
+  free (directory);
+  return writable;
+}
+
 static VixError open_disk (struct connection *conn, const char *path,
                            uint32_t flags, struct handle **out);
 
@@ -616,6 +645,12 @@ open_disk (struct connection *conn, const char *path, uint32_t flags,
     return VIX_E_FILE_NOT_FOUND;
   }
   read_only = conn->read_only || (flags & OPEN_READ_ONLY);
+  if (!conn->remote && !read_only && !lock_directory_writable (file)) {
+    WARN ("FILE: FileLockCreateEntryDirectory creation failure on "
+          "'%s.lck': Permission denied\n", file);
+    free (file);
+    return VIX_E_FILE_ACCESS_ERROR;
+  }
   fd = open (file, (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
   if (fd == -1 || fstat (fd, &st) == -1) {
     int failure = errno;
@@ -634,6 +669,7 @@ open_disk (struct connection *conn, const char *path, uint32_t flags,
   h->capacity = st.st_size / SECTOR_SIZE;
   h->path = file;
   h->transport = conn->transport;
+  h->remote = conn->remote;
   pthread_mutex_init (&h->lock, NULL);
   pthread_cond_init (&h->idle, NULL);
   *out = h;
@@ -736,6 +772,22 @@ VixDiskLib_FreeInfo (Info *info)
   free (info);
 }
 
+/* Large requests over the network transports can exhaust the ESXi NFC
+ * service's memory; FAKE_VDDK_MAX_REQUEST_BYTES=N makes remote requests
+ * above N bytes fail the way that looks. */
+static int
+exceeds_server_memory (const struct handle *h, uint64_t bytes)
+{
+  long long limit = fault_offset ("FAKE_VDDK_MAX_REQUEST_BYTES");
+
+  if (limit < 0 || bytes <= (uint64_t) limit || !h->remote)
+    return 0;
+  WARN ("[NFC ERROR] NfcFssrvrProcessErrorMsg: received NFC error 5 from "
+        "server: Failed to allocate the requested %llu bytes\n",
+        (unsigned long long) bytes + 24);
+  return 1;
+}
+
 /* The I/O both the sync and async calls do. */
 static VixError
 transfer (struct handle *h, int is_write, uint64_t sector, uint64_t count,
@@ -750,6 +802,8 @@ transfer (struct handle *h, int is_write, uint64_t sector, uint64_t count,
   if (covers_fault (is_write ? "FAKE_VDDK_FAIL_WRITE_AT"
                              : "FAKE_VDDK_FAIL_READ_AT", sector, count))
     return VIX_E_FILE_ERROR;
+  if (exceeds_server_memory (h, remaining))
+    return VIX_E_OUT_OF_MEMORY;
   while (remaining > 0) {
     r = is_write ? pwrite (h->fd, buf, remaining, offset)
                  : pread (h->fd, buf, remaining, offset);

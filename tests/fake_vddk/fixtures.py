@@ -14,9 +14,13 @@ What the environment does (see fake_vixdisklib.c):
   FAKE_VDDK_FAIL_READ_AT=N     reads covering byte N fail
   FAKE_VDDK_FAIL_WRITE_AT=N    writes covering byte N fail
   FAKE_VDDK_FAIL_OPEN=1        Open fails with VDDK's "Error 1"
+  FAKE_VDDK_MAX_REQUEST_BYTES=N  remote reads and writes above N bytes fail
+                               with the NFC out-of-memory error
 
 Open and Close calls that overlap in time (VDDK needs them serialized) are
-recorded as "Overlap" calls, warned about, and make Open fail.
+recorded as "Overlap" calls, warned about, and make Open fail.  A local
+disk opened for writing in a directory without write permission fails
+with VDDK's FileLockCreateEntryDirectory error.
 """
 
 import ctypes
@@ -128,6 +132,11 @@ class FakeVddk(object):
 
     def fail_open(self):
         self.env["FAKE_VDDK_FAIL_OPEN"] = "1"
+
+    def limit_remote_requests(self, max_bytes):
+        """Remote requests above max_bytes fail as if ESXi ran out of
+        memory (what --filter=blocksize maxdata= avoids)."""
+        self.env["FAKE_VDDK_MAX_REQUEST_BYTES"] = str(max_bytes)
 
     # -- disks
 
