@@ -10,7 +10,7 @@ import os
 from ..engine import UsageError
 from .descriptor import ExtentLine, build
 from .extent import VmdkError
-from .flat import SECTOR, _pwrite_all
+from .flat import SECTOR, pwrite_all
 from .sparse import SparseHeader
 from .split import base_name, piece_names
 
@@ -181,7 +181,7 @@ def _write_new_file(path, data, size=None):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         if data:
-            _pwrite_all(fd, data, 0, path)
+            pwrite_all(fd, data, 0, path)
         if size is not None:
             os.ftruncate(fd, size)
         os.fsync(fd)
@@ -238,16 +238,16 @@ def write_sparse_extent(path, sectors, descriptor=None):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.ftruncate(fd, header.overhead * SECTOR)
-        _pwrite_all(fd, header.pack(), 0, path)
+        pwrite_all(fd, header.pack(), 0, path)
         if descriptor is not None:
-            _pwrite_all(fd, descriptor, header.descriptor_offset * SECTOR,
+            pwrite_all(fd, descriptor, header.descriptor_offset * SECTOR,
                         path)
         for directory in (header.rgd_offset, header.gd_offset):
             first_table = directory + gd_sectors
             entries = b"".join(
                 (first_table + i * gt_sectors).to_bytes(4, "little")
                 for i in range(tables))
-            _pwrite_all(fd, entries, directory * SECTOR, path)
+            pwrite_all(fd, entries, directory * SECTOR, path)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -48,16 +48,16 @@ def punch_hole(fd, offset, length):
     return fallocate(fd, mode, offset, length) == 0
 
 
-def write_zeros(fd, offset, length):
+def write_zeros(fd, offset, length, path):
     chunk = memoryview(bytes(min(length, _ZERO_CHUNK)))
     end = offset + length
     while offset < end:
         n = min(len(chunk), end - offset)
-        _pwrite_all(fd, chunk[:n], offset, "")
+        pwrite_all(fd, chunk[:n], offset, path)
         offset += n
 
 
-def _pwrite_all(fd, data, offset, path):
+def pwrite_all(fd, data, offset, path):
     view = memoryview(data)
     while len(view):
         n = os.pwrite(fd, view, offset)
@@ -154,12 +154,12 @@ class FlatExtent(ExtentReader):
                                     self.path))]
 
     def write(self, offset, data):
-        _pwrite_all(self.fd, data, self.start + offset, self.path)
+        pwrite_all(self.fd, data, self.start + offset, self.path)
 
     def zero(self, offset, count, may_trim=False):
         if may_trim and self._punch(offset, count):
             return
-        write_zeros(self.fd, self.start + offset, count)
+        write_zeros(self.fd, self.start + offset, count, self.path)
 
     def trim(self, offset, count):
         self._punch(offset, count, zero_edges=False)
@@ -177,9 +177,10 @@ class FlatExtent(ExtentReader):
         if not zero_edges:
             return True
         if first < aligned_first:
-            write_zeros(self.fd, first, aligned_first - first)
+            write_zeros(self.fd, first, aligned_first - first, self.path)
         if aligned_end < end:
-            write_zeros(self.fd, aligned_end, end - aligned_end)
+            write_zeros(self.fd, aligned_end, end - aligned_end,
+                        self.path)
         return True
 
     def flush(self):

@@ -13,7 +13,7 @@ import struct
 import sys
 
 from .extent import DATA, UNALLOCATED, ZERO, ExtentReader, VmdkError
-from .flat import SECTOR, _pwrite_all, file_size, open_file, pread_exact
+from .flat import SECTOR, pwrite_all, file_size, open_file, pread_exact
 
 MAGIC = b"KDMV"
 
@@ -283,7 +283,8 @@ class SparseExtent(ExtentReader):
         pieces = []
         run_start = run_length = 0
         for n, state, where in self._runs(offset, count):
-            if state is DATA and run_length and where == run_start + run_length:
+            contiguous = run_length and where == run_start + run_length
+            if state is DATA and contiguous:
                 run_length += n
                 continue
             if run_length:
@@ -307,7 +308,7 @@ class SparseExtent(ExtentReader):
 
     # --- writing -------------------------------------------------------------
     def _set_unclean(self, value):
-        _pwrite_all(self.fd, bytes((value,)), UNCLEAN_SHUTDOWN_OFFSET,
+        pwrite_all(self.fd, bytes((value,)), UNCLEAN_SHUTDOWN_OFFSET,
                     self.path)
 
     def _allocate(self, nbytes):
@@ -323,10 +324,10 @@ class SparseExtent(ExtentReader):
             return gt_sector
         empty = bytes(self.gt_sectors * SECTOR)
         gt_where = self._allocate(len(empty))
-        _pwrite_all(self.fd, empty, gt_where, self.path)
+        pwrite_all(self.fd, empty, gt_where, self.path)
         if self.rgd is not None:
             rgt_where = self._allocate(len(empty))
-            _pwrite_all(self.fd, empty, rgt_where, self.path)
+            pwrite_all(self.fd, empty, rgt_where, self.path)
             self._set_directory_entry(self.rgd, self.header.rgd_offset,
                                       gd_index, rgt_where // SECTOR)
         self.file_bytes = self._end
@@ -335,7 +336,7 @@ class SparseExtent(ExtentReader):
         return gt_where // SECTOR
 
     def _set_directory_entry(self, directory, sector, index, value):
-        _pwrite_all(self.fd, struct.pack("<I", value),
+        pwrite_all(self.fd, struct.pack("<I", value),
                     sector * SECTOR + index * 4, self.path)
         directory[index] = value
 
@@ -352,9 +353,9 @@ class SparseExtent(ExtentReader):
             gt_sector = self._ensure_table(gd_index)
             # Both copies point at written data before the cache says so.
             if self.rgd is not None and self.rgd[gd_index]:
-                _pwrite_all(self.fd, packed,
+                pwrite_all(self.fd, packed,
                             self.rgd[gd_index] * SECTOR + index * 4, self.path)
-            _pwrite_all(self.fd, packed, gt_sector * SECTOR + index * 4,
+            pwrite_all(self.fd, packed, gt_sector * SECTOR + index * 4,
                         self.path)
             table = self._table(gt_sector)
             table[index:index + n] = array.array(table.typecode, chunk)
@@ -371,7 +372,7 @@ class SparseExtent(ExtentReader):
             entry = self._grain_entry(grain)
             state = self._state(entry)
             if state is DATA:
-                _pwrite_all(self.fd, view[pos:pos + n],
+                pwrite_all(self.fd, view[pos:pos + n],
                             entry * SECTOR + within, self.path)
                 pos += n
                 continue
@@ -385,7 +386,7 @@ class SparseExtent(ExtentReader):
                     count += 1
                 span = view[pos:pos + count * gb]
                 where = self._allocate(len(span))
-                _pwrite_all(self.fd, span, where, self.path)
+                pwrite_all(self.fd, span, where, self.path)
                 self.file_bytes = self._end
                 first = where // SECTOR
                 self._set_entries(grain, [first + i * self.header.grain_size
@@ -395,7 +396,7 @@ class SparseExtent(ExtentReader):
             grain_data = self._grain_base(grain, state)
             grain_data[within:within + n] = view[pos:pos + n]
             where = self._allocate(gb)
-            _pwrite_all(self.fd, grain_data, where, self.path)
+            pwrite_all(self.fd, grain_data, where, self.path)
             self.file_bytes = self._end
             self._set_entries(grain, [where // SECTOR])
             pos += n
