@@ -137,7 +137,7 @@ def test_read_only_extent_refuses_writes(tmp_path):
         extent.close()
 
 
-# --- snapshots (child COWD) -----------------------------------------------
+# --- snapshots (child COWD) ------------------------------------------------
 
 def child_disk(tmp_path, grain_sectors=1):
     data = bytearray(2 * MIB)
@@ -198,7 +198,7 @@ def test_partial_grain_of_a_child_takes_the_parent_data(tmp_path):
         extent.close()
 
 
-# --- create-type=vmfs-sparse ---------------------------------------------------
+# --- create-type=vmfs-sparse -----------------------------------------------
 
 def test_create_vmfs_sparse(tmp_path):
     desc = str(tmp_path / "new.vmdk")
@@ -235,7 +235,7 @@ def test_create_never_overwrites(tmp_path):
     assert (tmp_path / "new-delta.vmdk").read_bytes() == b"keep"
 
 
-# --- damage -----------------------------------------------------------------
+# --- damage ----------------------------------------------------------------
 
 def damaged(tmp_path, change):
     desc, delta, data, _ = root_disk(tmp_path, size=2 * MIB, seed=6)

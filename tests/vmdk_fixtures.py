@@ -50,7 +50,7 @@ def write_descriptor(path, create_type, extents, parent_hint=None,
         f.write("\n".join(lines) + "\n")
 
 
-# --- streamOptimized, VMware's layout -----------------------------------------
+# --- streamOptimized, VMware's layout --------------------------------------
 
 _KDMV = struct.Struct("<4sIIQQQQIQQQB4sH")
 
@@ -148,7 +148,7 @@ def stream_grain_sectors(path):
     return found
 
 
-# --- ESXi vmfsSparse (COWD) ---------------------------------------------------
+# --- ESXi vmfsSparse (COWD) ------------------------------------------------
 
 COWD_GT_ENTRIES = 4096
 
@@ -219,7 +219,7 @@ def cowd_header(path):
             struct.unpack_from("<I", raw, 1648)[0])
 
 
-# --- seSparse -----------------------------------------------------------------
+# --- seSparse --------------------------------------------------------------
 
 SESPARSE_GRAIN = 8 * SECTOR
 SESPARSE_GT_ENTRIES = 4096
@@ -318,7 +318,7 @@ def mapped(extent):
     return runs
 
 
-# --- through a running server -------------------------------------------------
+# --- through a running server ----------------------------------------------
 
 def served_bytes(server, tmp_path, name="served.raw"):
     """Everything the server serves, copied out with nbdcopy."""

@@ -50,7 +50,7 @@ from .grains import (SECTOR, GrainTableExtent, TableCache, pack_le_array,
                      read_exact, unpack_le_array)
 from .sparse import (FLAG_COMPRESSED, FLAG_MARKERS, FLAG_NEWLINE_TEST,
                      FLAG_ZEROED_GRAINS, GD_AT_END, GTE_ZEROED, MAGIC,
-                     NEWLINE_TEST, SparseHeader, read_header)
+                     SparseHeader, read_header)
 
 COMPRESS_DEFLATE = 1
 MARKER_EOS, MARKER_GT, MARKER_GD, MARKER_FOOTER = 0, 1, 2, 3
