@@ -118,13 +118,18 @@ class GrainTableExtent(ExtentReader):
                             % (self.path, count, offset, self.size))
 
     def _pieces(self, offset, count):
-        """Yield (length, state, where, start_in_grain, grain_index) in
-        order, covering exactly ``count`` bytes from ``offset``."""
+        """Yield (length, state, where, start, grain) in order, covering
+        exactly ``count`` bytes from ``offset``: a run of grains in the
+        same state from ``start`` bytes into ``grain``.  A DATA run of a
+        raw format is contiguous in the file from ``where``; a DATA run of
+        a compressed format is one grain."""
         self._check_range(offset, count)
         end = offset + count
         grain_size = self.grain_size
         per_table = self.grains_per_table
         table_span = grain_size * per_table
+        merge_data = not self.compressed
+        entry_of = self._entry
         while offset < end:
             table_index = offset // table_span
             table_end = min(end, (table_index + 1) * table_span)
@@ -133,13 +138,27 @@ class GrainTableExtent(ExtentReader):
                 yield table_end - offset, UNALLOCATED, None, 0, None
                 offset = table_end
                 continue
-            while offset < table_end:
-                grain = offset // grain_size
-                start = offset - grain * grain_size
-                length = min(grain_size - start, table_end - offset)
-                state, where = self._entry(table[grain % per_table], grain)
-                yield length, state, where, start, grain
-                offset += length
+            base = table_index * per_table
+            first = offset // grain_size
+            run = None      # [length, state, where, start, grain, next]
+            for grain in range(first, (table_end - 1) // grain_size + 1):
+                state, where = entry_of(table[grain - base], grain)
+                grain_offset = grain * grain_size
+                start = offset - grain_offset if grain == first else 0
+                length = min(grain_size, table_end - grain_offset) - start
+                if run is not None and run[1] == state and (
+                        state != DATA or (merge_data and where == run[5])):
+                    run[0] += length
+                    if state == DATA:
+                        run[5] += grain_size
+                    continue
+                if run is not None:
+                    yield run[0], run[1], run[2], run[3], run[4]
+                following = where + grain_size if (
+                    state == DATA and merge_data) else None
+                run = [length, state, where, start, grain, following]
+            yield run[0], run[1], run[2], run[3], run[4]
+            offset = table_end
 
     def map(self, offset, count):
         runs = []
