@@ -279,6 +279,23 @@ def test_directory_too_small_for_the_disk(tmp_path):
     expect_error(delta, len(data), "too few")
 
 
+def test_grain_entry_pointing_into_the_header(tmp_path):
+    def change(raw):
+        gt = struct.unpack_from("<I", raw, 4 * 512)[0]
+        struct.pack_into("<I", raw, gt * 512, 2)     # grain 0 -> sector 2
+        return raw
+    delta, data = damaged(tmp_path, change)
+    expect_error(delta, len(data), "inside the header")
+
+
+def test_directory_entry_pointing_into_the_header(tmp_path):
+    def change(raw):
+        struct.pack_into("<I", raw, 4 * 512, 1)
+        return raw
+    delta, data = damaged(tmp_path, change)
+    expect_error(delta, len(data), "inside the header")
+
+
 def test_extent_line_larger_than_the_file(tmp_path):
     desc, delta, data, _ = root_disk(tmp_path, size=MIB)
     expect_error(delta, 2 * MIB, "sectors")

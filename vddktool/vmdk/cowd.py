@@ -113,7 +113,11 @@ class CowdExtent(GrainTableExtent):
             self.fd, path, gd_offset * SECTOR, gd_entries * 4,
             "the grain directory"))
         file_sectors = (os.fstat(self.fd).st_size + SECTOR - 1) // SECTOR
-        if free_sector < gd_offset + (gd_entries * 4 + SECTOR - 1) // SECTOR:
+        # Tables and grains live after the header and the directory: an
+        # entry pointing into them is damage, not data.
+        self._first_data_sector = gd_offset + (
+            gd_entries * 4 + SECTOR - 1) // SECTOR
+        if free_sector < self._first_data_sector:
             raise VmdkError("%s: freeSector %d lies inside the metadata "
                             "(damaged file)" % (path, free_sector))
         # Never allocate over something that is already there, even if a
@@ -127,6 +131,10 @@ class CowdExtent(GrainTableExtent):
             sector = self.directory[table_index]
             if sector == 0:
                 return None
+            if sector < self._first_data_sector:
+                raise VmdkError("%s: grain directory entry %d points at "
+                                "sector %d, inside the header (damaged file)"
+                                % (self.path, table_index, sector))
             table = unpack_le_array("I", read_exact(
                 self.fd, self.path, sector * SECTOR, TABLE_BYTES,
                 "grain table %d" % table_index))
@@ -136,6 +144,10 @@ class CowdExtent(GrainTableExtent):
     def _entry(self, entry, grain_index):
         if entry == 0:
             return UNALLOCATED, None
+        if entry < self._first_data_sector:
+            raise VmdkError("%s: the entry of grain %d points at sector %d, "
+                            "inside the header (damaged file)"
+                            % (self.path, grain_index, entry))
         return DATA, entry * SECTOR
 
     # --- writing -----------------------------------------------------------
