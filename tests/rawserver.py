@@ -274,7 +274,7 @@ else:
     import subprocess
 
     import pytest
-    from conftest import CLIENT_ENV, Server, need, run, wait_for_socket
+    from conftest import Server, need, run, wait_for_socket
 
     def nbdsh(script, check=True):
         """Run a Python script inside nbdsh (``h`` is a fresh handle)."""

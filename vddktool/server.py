@@ -29,6 +29,11 @@ from .engine import (FUA_EMULATE, FUA_NATIVE, MAX_REQUEST_SIZE, PARALLEL,
 # Buffers per sendmsg/writev call, well under Linux's IOV_MAX of 1024.
 _MAX_IOVECS = 512
 
+# How long the main thread may sleep in select().  The kernel may deliver
+# SIGTERM to any thread; Python then runs the handler only when the main
+# thread next runs bytecode, so it must wake now and then to let it.
+_SIGNAL_POLL_SECONDS = 0.5
+
 
 class ServerSettings(object):
     """Server-wide options: -r, -e, -t, --tls."""
@@ -177,7 +182,7 @@ class Connection(object):
         self._write_lock = threading.Lock()
         self._broken = False
 
-    # -- plumbing -------------------------------------------------------------
+    # -- plumbing --
     def _send(self, buffers):
         with self._write_lock:
             if self._broken:
@@ -216,7 +221,7 @@ class Connection(object):
             if self.debugging:
                 log.debug("%s: closed", self.peer)
 
-    # -- negotiation ----------------------------------------------------------
+    # -- negotiation --
     def _negotiate(self):
         """Run the handshake.  Returns (Ready, engine) or (None, None)."""
         handshake = nbd.Handshake(self.settings.tls)
@@ -270,13 +275,18 @@ class Connection(object):
                 self._close_engine(engine)
                 engine, message = None, "cannot query the export"
         result = handshake.answer_export(info, message)
-        self._flush_handshake(handshake)
-        if not isinstance(result, nbd.Ready) and engine is not None:
-            self._close_engine(engine)  # INFO only looks
-            engine = None
+        keep = isinstance(result, nbd.Ready)
+        try:
+            self._flush_handshake(handshake)
+        except OSError:
+            keep = False
+            raise
+        finally:
+            if not keep and engine is not None:
+                self._close_engine(engine)  # INFO only looks
         if isinstance(result, nbd.Closed):
             raise _Disconnect(result.reason)
-        return result, engine
+        return result, engine if keep else None
 
     def _open_engine(self, name):
         try:
@@ -309,7 +319,7 @@ class Connection(object):
         except Exception as exc:
             log.error("closing the disk: %s", exc)
 
-    # -- transmission ---------------------------------------------------------
+    # -- transmission --
     def _transmit(self, ready, engine):
         export = ready.export
         self.engine = engine
@@ -337,7 +347,9 @@ class Connection(object):
             nbd.CMD_WRITE_ZEROES: self._zero,
             nbd.CMD_BLOCK_STATUS: self._block_status,
         }
-        requests = queue.Queue()
+        # Bounded, so a client that floods writes without reading replies
+        # is held back by TCP instead of filling our memory with payloads.
+        requests = queue.Queue(self.settings.threads)
         workers = [threading.Thread(target=self._work, args=(requests,),
                                     name="nbd-worker")
                    for _ in range(self.settings.threads)]
@@ -415,10 +427,8 @@ class Connection(object):
                                           payload)
             except Exception as exc:
                 error = nbd.nbd_errno(errno_of(exc))
-                if not isinstance(exc, EngineError) or self.debugging:
-                    log.error("%s: %s at offset %d length %d: %s", self.peer,
-                              nbd.COMMAND_NAMES[command], offset, length,
-                              exc)
+                log.error("%s: %s at offset %d length %d: %s", self.peer,
+                          nbd.COMMAND_NAMES[command], offset, length, exc)
                 reply = self._error_reply(command, cookie, error, str(exc))
             self._send(reply)
 
@@ -428,7 +438,7 @@ class Connection(object):
             return [nbd.error_chunk(cookie, error, message)]
         return [nbd.simple_reply(cookie, error)]
 
-    # -- command handlers: each returns the reply buffers ---------------------
+    # -- command handlers: each returns the reply buffers --
     def _read_simple(self, flags, cookie, offset, length, payload):
         data = self.engine.pread(length, offset)
         if len(data) != length:
@@ -583,7 +593,7 @@ class Server(object):
         except OSError:
             pass  # pipe full: already signalled
 
-    # -- bookkeeping shared by connection threads ----------------------------
+    # -- bookkeeping shared by connection threads --
     def _register(self, connection):
         with self._lock:
             if self._stopping:
@@ -628,7 +638,7 @@ class Server(object):
             for thread in threads:
                 thread.join()
 
-    # -- entry points ----------------------------------------------------------
+    # -- entry points --
     def serve_forever(self, listen_sockets):
         listeners = [_listener_for(sock) for sock in listen_sockets]
         selector = selectors.DefaultSelector()
@@ -640,7 +650,7 @@ class Server(object):
                                   listener)
             selector.register(self._stop_read, selectors.EVENT_READ, None)
             while not self._stopping:
-                for key, _ in selector.select():
+                for key, _ in selector.select(_SIGNAL_POLL_SECONDS):
                     if key.data is not None and not self._stopping:
                         key.data._handle_request_noblock()
         finally:
@@ -660,9 +670,14 @@ class Server(object):
                 finally:
                     os.write(done_write, b"!")
             thread = self._spawn(run)
-            ready, _, _ = select.select([self._stop_read, done_read], [], [])
-            if done_read not in ready:
-                connection.stop_reading()
+            while True:
+                ready, _, _ = select.select([self._stop_read, done_read],
+                                            [], [], _SIGNAL_POLL_SECONDS)
+                if done_read in ready:
+                    break
+                if self._stopping:
+                    connection.stop_reading()
+                    break
             thread.join()
         finally:
             os.close(done_read)
