@@ -140,10 +140,10 @@ def test_flush_waits_for_queued_requests_first(fake_vddk, open_engine):
 
 def test_concurrent_requests_each_get_their_own_data(fake_vddk,
                                                      open_engine):
-    data = pattern(4 * MiB, seed=3)
+    data = pattern(MiB, seed=3)
     engine = open_engine(fake_vddk,
-                         file=fake_vddk.local_disk(size=4 * MiB, data=data))
-    offsets = list(range(0, 4 * MiB, 64 * 1024))
+                         file=fake_vddk.local_disk(size=MiB, data=data))
+    offsets = list(range(0, MiB, 64 * 1024))
     results = {}
 
     def read(offset):

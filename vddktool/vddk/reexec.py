@@ -7,9 +7,10 @@ exec ourselves again, exactly once.
 
 Secrets must not reach the new command line (visible in ps and
 /proc/PID/cmdline): password= and cookie= are replaced with -FD of a pipe
-that already holds the value.  The caller's own LD_LIBRARY_PATH is kept in
-the environment so that --run commands get it back (see
-``caller_environment``).
+that already holds the value.  The caller's own LD_LIBRARY_PATH travels in
+VDDKTOOL_ORIGINAL_LD_LIBRARY_PATH; once the library is loaded,
+``restore_caller_environment`` puts it back in os.environ, so --run
+commands and other children see what the user had.
 """
 
 import fcntl
@@ -140,6 +141,9 @@ def reexec_if_needed(library_dir, params):
         log.debug("cannot read /proc/self/cmdline (%s): not re-executing "
                   "with LD_LIBRARY_PATH", e.strerror)
         return
+    # argv[0] may be a bare "python3" that Python would look up on PATH
+    # again to find its prefix (and venv); name the interpreter we are.
+    argv[0] = sys.executable
     secrets = dict((name, params.get(name)) for name in SECRET_PARAMS
                    if params.get(name) is not None)
     env = reexec_environment(library_dir)
