@@ -168,3 +168,18 @@ def test_a_file_we_may_not_write_is_served_read_only(image, monkeypatch,
     finally:
         backend.cleanup()
     assert "serving read-only" in capfd.readouterr().err
+
+
+def test_a_new_stream_is_not_offered_to_several_connections(tmp_path):
+    backend = backend_for(file=str(tmp_path / "st.vmdk"), create=True,
+                          create_size=4 * MiB,
+                          create_type="stream-optimized")
+    backend.config_complete()
+    backend.get_ready()
+    try:
+        assert backend.describe("").startswith("VMDK streamOptimized ")
+        assert not backend.open("", False).can_multi_conn()
+        # Reading only: nothing to keep in order.
+        assert backend.open("", True).can_multi_conn()
+    finally:
+        backend.cleanup()

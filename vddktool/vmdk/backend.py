@@ -58,7 +58,9 @@ class NativeEngine(Engine):
         return CACHE_EMULATE
 
     def can_multi_conn(self):
-        return True
+        # One shared disk, so flushes are seen by every connection; but a
+        # forwards-only writer must not invite parallel copies.
+        return not (self.can_write() and self.disk.sequential_writes_only)
 
     def pread(self, count, offset):
         pieces = self.pread_sparse(count, offset)

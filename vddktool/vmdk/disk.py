@@ -401,6 +401,13 @@ class Disk(object):
             self.parent = None
 
     @property
+    def sequential_writes_only(self):
+        """True when an extent must be written forwards (a new stream):
+        several connections would write distant regions at once."""
+        return self.writable and any(
+            getattr(e, "sequential_writes_only", False) for e in self.extents)
+
+    @property
     def preferred_block_size(self):
         """A grain: smaller writes to sparse extents read-modify-write."""
         # grain_bytes here, grain_size (bytes) in the grain-table readers.
