@@ -460,3 +460,31 @@ def test_every_library_version_serves(make_fake_vddk, start_server,
         == (not optional)
     assert "libvixDiskLib.so.%d (major version %d)" % (major, major) \
         in server.log()
+
+
+# -- daemonizing
+
+
+def test_daemon_initializes_vddk_after_forking(fake_vddk, tmp_path):
+    """The fake refuses calls from a process forked after InitEx, as real
+    VDDK loses its threads then: a daemon that serves proves the order."""
+    import signal
+    import time
+    pidfile = tmp_path / "vddktool.pid"
+    sock = str(tmp_path / "sock")
+    data = pattern(MiB)
+    disk = fake_vddk.local_disk(size=MiB, data=data)
+    run(vddktool_args(fake_vddk, "-U", sock, "-P", str(pidfile), disk),
+        env=dict(CLIENT_ENV, **fake_vddk.env), cwd=_root())
+    pid = int(pidfile.read_text())
+    try:
+        out = str(tmp_path / "copy.raw")
+        run([need("nbdcopy"), "nbd+unix:///?socket=" + sock, out])
+        with open(out, "rb") as f:
+            assert f.read() == data
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + 20
+        while time.time() < deadline and os.path.exists("/proc/%d" % pid):
+            time.sleep(0.05)
+    assert fake_vddk.call_names()[-1] == "Exit"
