@@ -481,17 +481,22 @@ def test_freeing_connect_params_it_did_not_allocate_is_refused(session):
 
 # -- Open and Close must be serialized by the caller
 
-def test_overlapping_opens_are_caught(session):
+def test_overlapping_opens_are_caught(fake_vddk, monkeypatch):
+    # Long Opens, started together: they overlap however loaded the host.
+    fake_vddk.env["FAKE_VDDK_OPEN_CLOSE_PAUSE_MS"] = "300"
+    session = BindingSession(fake_vddk, monkeypatch)
     connection = session.connect()
-    disk = session.fake.local_disk()
+    disk = fake_vddk.local_disk()
+    start_together = threading.Barrier(2)
     results = []
 
     def open_disk():
         handle = abi.HandlePtr()
+        start_together.wait()
         results.append(session.lib.call("Open", connection, disk.encode(),
                                         0, ctypes.byref(handle)))
 
-    threads = [threading.Thread(target=open_disk) for _ in range(4)]
+    threads = [threading.Thread(target=open_disk) for _ in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -285,14 +285,17 @@ covers_fault (const char *name, uint64_t sector, uint64_t count)
 
 /* Real VDDK's Open and Close must not run in several threads at once
  * (callers serialize them process-wide).  Each takes a little while here
- * so that an overlap is caught: it is recorded as "Overlap call=NAME" and
- * reported through the warning callback. */
+ * (2 ms, or $FAKE_VDDK_OPEN_CLOSE_PAUSE_MS) so that an overlap is caught:
+ * it is recorded as "Overlap call=NAME" and reported through the warning
+ * callback. */
 static int open_close_busy;
 
 static int
 enter_open_close (const char *name)
 {
-  struct timespec pause = { 0, 2 * 1000 * 1000 };
+  const char *pause_ms = env_value ("FAKE_VDDK_OPEN_CLOSE_PAUSE_MS");
+  long ms = pause_ms ? strtol (pause_ms, NULL, 10) : 2;
+  struct timespec pause = { ms / 1000, ms % 1000 * 1000 * 1000 };
   int overlapped = __atomic_add_fetch (&open_close_busy, 1,
                                        __ATOMIC_SEQ_CST) > 1;
 

@@ -18,7 +18,8 @@ What the environment does (see fake_vixdisklib.c):
                                with the NFC out-of-memory error
 
 Open and Close calls that overlap in time (VDDK needs them serialized) are
-recorded as "Overlap" calls, warned about, and make Open fail.  A local
+recorded as "Overlap" calls, warned about, and make Open fail; each takes
+FAKE_VDDK_OPEN_CLOSE_PAUSE_MS (default 2) so that overlaps happen.  A local
 disk opened for writing in a directory without write permission fails
 with VDDK's FileLockCreateEntryDirectory error.
 """
