@@ -349,7 +349,10 @@ def test_io_beyond_the_end_fails(session):
 
 # -- asynchronous I/O
 
-def test_async_completions_come_back_out_of_order(session):
+def test_async_completions_come_back_out_of_order(fake_vddk, monkeypatch):
+    # Pauses of up to 20 ms dwarf any scheduling delay of a loaded host.
+    fake_vddk.env["FAKE_VDDK_ASYNC_DELAY_US"] = "20000"
+    session = BindingSession(fake_vddk, monkeypatch)
     requests = 48
     data = bytes(bytearray(range(256))) * 2 * requests
     disk = session.fake.local_disk(data=data, size=None)

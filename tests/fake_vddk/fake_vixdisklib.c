@@ -845,6 +845,17 @@ VixDiskLib_Write (struct handle *h, uint64_t startSector, uint64_t numSectors,
   return transfer (h, 1, startSector, numSectors, (unsigned char *) buf);
 }
 
+/* Upper bound of the pause before an async request runs: 2 ms, or
+ * $FAKE_VDDK_ASYNC_DELAY_US (1 to 999999). */
+static long
+max_async_delay_us (void)
+{
+  const char *v = env_value ("FAKE_VDDK_ASYNC_DELAY_US");
+  long us = v ? strtol (v, NULL, 10) : 2000;
+
+  return us >= 1 && us <= 999999 ? us : 2000;
+}
+
 /* Each async request runs on its own thread after a short random pause,
  * so completions come back out of order, as they can with VDDK. */
 static void *
@@ -857,7 +868,7 @@ run_async (void *arg)
   unsigned seed = (unsigned) (uintptr_t) req ^ (unsigned) req->sector;
 
   pause.tv_sec = 0;
-  pause.tv_nsec = (rand_r (&seed) % 2000) * 1000;  /* up to 2 ms */
+  pause.tv_nsec = rand_r (&seed) % max_async_delay_us () * 1000;
   nanosleep (&pause, NULL);
 
   err = transfer (h, req->is_write, req->sector, req->count, req->buf);

@@ -16,6 +16,9 @@ What the environment does (see fake_vixdisklib.c):
   FAKE_VDDK_FAIL_OPEN=1        Open fails with VDDK's "Error 1"
   FAKE_VDDK_MAX_REQUEST_BYTES=N  remote reads and writes above N bytes fail
                                with the NFC out-of-memory error
+  FAKE_VDDK_ASYNC_DELAY_US=N   async requests wait up to N us (default
+                               2000) before running, so they finish out
+                               of order
 
 Open and Close calls that overlap in time (VDDK needs them serialized) are
 recorded as "Overlap" calls, warned about, and make Open fail; each takes
