@@ -122,7 +122,8 @@ def test_write_into_a_missing_grain_table(tmp_path):
         payload = os.urandom(MIB)
         extent.write(2 * MIB - 1000, payload)
         assert extent.directory[0] and extent.directory[1]
-        assert bytes(extent.read(2 * MIB - 1000, MIB)[0][1]) == payload
+        pieces = extent.read(2 * MIB - 1000, MIB)
+        assert b"".join(bytes(value) for _, value in pieces) == payload
     finally:
         extent.close()
 
@@ -198,11 +199,25 @@ def test_partial_grain_of_a_child_takes_the_parent_data(tmp_path):
         extent.close()
 
 
+def test_write_spanning_partial_grains_keeps_both_ends(tmp_path):
+    delta, data = child_disk(tmp_path, grain_sectors=8)
+    parent = bytes(range(251)) * 60               # 15060 bytes, no period
+    extent = CowdExtent(delta, len(data), writable=True)
+    try:
+        extent.backing = lambda offset, count: parent[offset:offset + count]
+        extent.write(512, b"\x33" * (2 * 4096 + 512))   # grains 0, 1, 2
+        got = b"".join(bytes(v) for _, v in extent.read(0, 3 * 4096))
+        assert got == (parent[:512] + b"\x33" * (2 * 4096 + 512)
+                       + parent[9216:12288])
+    finally:
+        extent.close()
+
+
 # --- create-type=vmfs-sparse -----------------------------------------------
 
 def test_create_vmfs_sparse(tmp_path):
     desc = str(tmp_path / "new.vmdk")
-    size = 10 * MIB
+    size = 5 * MIB          # three grain tables, the last one partial
     assert create_vmfs_sparse(desc, size, "scsi-lsilogic", 7) is None
     delta = str(tmp_path / "new-delta.vmdk")
     text = open(desc).read()

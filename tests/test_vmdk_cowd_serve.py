@@ -69,7 +69,7 @@ def test_partial_grain_writes_keep_the_parent_data(tmp_path, start_server):
 
 def test_nbdcopy_fills_a_new_vmfs_sparse_disk(tmp_path, start_server):
     need("qemu-img")
-    data = random_disk(6 * MIB, 3)
+    data = random_disk(3 * MIB, 3)
     source = tmp_path / "source.raw"
     source.write_bytes(data)
     image = tmp_path / "new.vmdk"

@@ -17,6 +17,7 @@ adapter_type, hwversion)`` writes the descriptor (createType vmfsSparse)
 and an empty NAME-delta.vmdk next to it.
 """
 
+import array
 import os
 import struct
 import threading
@@ -189,13 +190,10 @@ class CowdExtent(GrainTableExtent):
         contiguous in the file); give each run of unallocated grains one
         contiguous allocation."""
         position = 0
-        alloc_run = []      # [(grain, start, length, data position)]
         in_place = None     # [file offset, data position, length]
-        for length, state, where, start, grain in list(
+        for length, state, where, start, _ in list(
                 self._pieces(offset, len(data))):
             if state == DATA:
-                self._allocate(alloc_run, data)
-                alloc_run = []
                 if in_place and in_place[0] + in_place[2] == where + start:
                     in_place[2] += length
                 else:
@@ -204,56 +202,48 @@ class CowdExtent(GrainTableExtent):
             else:
                 self._write_in_place(in_place, data)
                 in_place = None
-                for piece in self._split_grains(offset + position, length):
-                    alloc_run.append(piece[:3] + (position + piece[3],))
+                self._allocate(offset + position,
+                               data[position:position + length])
             position += length
         self._write_in_place(in_place, data)
-        self._allocate(alloc_run, data)
 
     def _write_in_place(self, run, data):
         if run:
             file_offset, position, length = run
             os.pwrite(self.fd, data[position:position + length], file_offset)
 
-    def _split_grains(self, offset, count):
-        """(grain, start in grain, length, position from ``offset``) for
-        each grain of a range (a missing table covers many grains)."""
-        pieces, position = [], 0
-        while position < count:
-            grain = (offset + position) // self.grain_size
-            start = offset + position - grain * self.grain_size
-            length = min(self.grain_size - start, count - position)
-            pieces.append((grain, start, length, position))
-            position += length
-        return pieces
-
-    def _allocate(self, run, data):
-        """Allocate ``run`` (grains in ascending order, each a (grain,
-        start, length, data position)) as consecutive new grains."""
-        if not run:
-            return
+    def _allocate(self, offset, data):
+        """Give the unallocated range at ``offset`` new grains, consecutive
+        in the file, holding ``data``."""
         grain_size = self.grain_size
-        buffer = bytearray(grain_size * len(run))
-        for n, (grain, start, length, position) in enumerate(run):
-            if length < grain_size:
-                self._fill_partial_grain(buffer, n, grain)
-            buffer[n * grain_size + start:n * grain_size + start + length] \
-                = data[position:position + length]
-        tables = sorted({grain // TABLE_ENTRIES for grain, _, _, _ in run})
+        grain_sectors = grain_size // SECTOR
+        first = offset // grain_size
+        last = (offset + len(data) - 1) // grain_size
+        count = last - first + 1
+        head = offset - first * grain_size
+        if head == 0 and len(data) == count * grain_size:
+            buffer = data
+        else:
+            buffer = bytearray(count * grain_size)
+            if head:
+                self._fill_partial_grain(buffer, 0, first)
+            if (head + len(data)) % grain_size and not (count == 1 and head):
+                self._fill_partial_grain(buffer, count - 1, last)
+            buffer[head:head + len(data)] = data
+        tables = range(first // TABLE_ENTRIES, last // TABLE_ENTRIES + 1)
         for table_index in tables:
             self._ensure_table(table_index)
-        first = self._reserve(len(run) * grain_size // SECTOR)
-        os.pwrite(self.fd, buffer, first * SECTOR)
+        sector = self._reserve(count * grain_sectors)
+        os.pwrite(self.fd, buffer, sector * SECTOR)
         self._store_free_sector()
-        grain_sectors = grain_size // SECTOR
         for table_index in tables:
+            base = table_index * TABLE_ENTRIES
+            low = max(first, base) - base
+            high = min(last + 1, base + TABLE_ENTRIES) - base
+            start = sector + (base + low - first) * grain_sectors
             table = self._table(table_index)
-            touched = []
-            for n, (grain, _, _, _) in enumerate(run):
-                if grain // TABLE_ENTRIES == table_index:
-                    table[grain % TABLE_ENTRIES] = first + n * grain_sectors
-                    touched.append(grain % TABLE_ENTRIES)
-            low, high = min(touched), max(touched) + 1
+            table[low:high] = array.array("I", range(
+                start, start + (high - low) * grain_sectors, grain_sectors))
             os.pwrite(self.fd, pack_le_array(table[low:high]),
                       self.directory[table_index] * SECTOR + low * 4)
 
@@ -272,8 +262,12 @@ class CowdExtent(GrainTableExtent):
                             % (self.path, self.grain_size))
         grain_size = self.grain_size
         length = min(grain_size, self.size - grain * grain_size)
-        buffer[n * grain_size:n * grain_size + length] = self.backing(
-            grain * grain_size, length)
+        parent_data = self.backing(grain * grain_size, length)
+        if len(parent_data) != length:
+            # Slice assignment would silently resize the buffer.
+            raise VmdkError("%s: the parent gave %d bytes for a grain of %d"
+                            % (self.path, len(parent_data), length))
+        buffer[n * grain_size:n * grain_size + length] = parent_data
 
     def _ensure_table(self, table_index):
         if self.directory[table_index]:
