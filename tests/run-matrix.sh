@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 top=$PWD
 
 # --- system packages -------------------------------------------------------
-debs="libnbd-bin python3-libnbd qemu-utils nbdkit gcc libc6-dev perl"
+debs="libnbd-bin python3-libnbd qemu-utils nbdkit gcc libc6-dev binutils perl"
 missing=""
 for p in $debs; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" ||
