@@ -3,6 +3,7 @@ arrive out of order and leaves a stream qemu-img checks and compares."""
 
 import random
 import struct
+import threading
 
 import pytest
 
@@ -55,6 +56,36 @@ def test_out_of_order_writes_make_a_valid_stream(tmp_path):
                 assert (state == DATA) == any(chunk)
     finally:
         extent.close()
+
+
+def test_writes_from_many_threads(tmp_path):
+    # The server calls write from one thread per request in flight.
+    data = random_disk(4 * MIB, 6, chunk=GRAIN)
+    path = str(tmp_path / "threads.vmdk")
+    writer = create_stream_optimized(path, len(data), "ide", 4)
+    offsets = list(range(0, len(data), 32 * 1024))
+    lock = threading.Lock()
+    errors = []
+
+    def worker():
+        while True:
+            with lock:
+                if not offsets:
+                    return
+                offset = offsets.pop(0)
+            try:
+                writer.write(offset, data[offset:offset + 32 * 1024])
+            except Exception as exc:          # reported by the assert
+                errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    writer.close()
+    assert errors == []
+    qemu_accepts(tmp_path, path, data)
 
 
 def test_vmware_layout_and_descriptor(tmp_path):
