@@ -476,6 +476,11 @@ def test_daemon_initializes_vddk_after_forking(fake_vddk, tmp_path):
     disk = fake_vddk.local_disk(size=MiB, data=data)
     run(vddktool_args(fake_vddk, "-U", sock, "-P", str(pidfile), disk),
         env=dict(CLIENT_ENV, **fake_vddk.env), cwd=_root())
+    # The daemon writes its pidfile after the parent has returned.
+    deadline = time.time() + 20
+    while not pidfile.exists() or not pidfile.read_text().endswith("\n"):
+        assert time.time() < deadline, "no pidfile"
+        time.sleep(0.05)
     pid = int(pidfile.read_text())
     try:
         out = str(tmp_path / "copy.raw")
