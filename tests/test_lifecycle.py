@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import (CLIENT_ENV, ROOT, need, run, vddktool, vddktool_cmd)
+from conftest import CLIENT_ENV, ROOT, need, run, vddktool, vddktool_cmd
 
 DISK_SIZE = 4 * 1024 * 1024
 
@@ -103,7 +103,8 @@ def test_run_client_reads_the_disk(disk):
 
 def test_named_unix_socket_is_removed_on_exit(disk, tmp_path):
     sock = str(tmp_path / "named.sock")
-    proc = vddktool("-U", sock, disk, "--run", 'echo "$uri"; test -S "$unixsocket"')
+    proc = vddktool("-U", sock, disk, "--run",
+                    'echo "$uri"; test -S "$unixsocket"')
     assert proc.stdout.strip() == "nbd+unix:///?socket=" + sock
     assert not os.path.exists(sock)
 

@@ -28,7 +28,6 @@ from .vmdk.extent import VmdkError
 ORIGINAL_ARGV = list(sys.argv)
 
 PLUGIN_WORD = "vddk"
-_daemonized = False
 DEFAULT_THREADS = 16
 MAX_EXPORT_NAME = 4096
 
@@ -41,6 +40,10 @@ LONG_OPTIONS = [
     "stdin", "threads=", "tls=", "tls-certificates=", "tls-verify-peer",
     "unix=", "verbose", "version",
 ]
+
+# Set once the process has forked into the background: from then on
+# errors can only reach the log, never the terminal.
+_daemonized = False
 
 # Filters (--filter=NAME) register their module here when they arrive;
 # each module provides what the server needs to wrap the engine.

@@ -40,7 +40,7 @@ class Listeners(object):
     def __init__(self):
         self.sockets = []
         self.unix_path = None      # -U PATH (or the private one for -U -)
-        self.private_dir = None    # the temp dir made for -U -, removed on exit
+        self.private_dir = None    # made for -U -, removed on exit
         self.port = None           # the TCP port, for $port and $uri
         self.ipaddr = None
         self.activated = False
