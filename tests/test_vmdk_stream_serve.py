@@ -30,15 +30,16 @@ def test_a_served_stream_is_read_only(tmp_path, start_server):
     assert image.read_bytes() == before
 
 
-def fill_new_stream(tmp_path, start_server, data, copy):
-    """create-type=stream-optimized, ``copy(uri)`` writes ``data`` into
-    it, the server stops; the file must pass qemu-img check and compare."""
+def fill_new_stream(tmp_path, start_server, data, copy, size=None):
+    """create-type=stream-optimized, ``copy(server, source)`` copies the
+    source file (``data``, which copy may change) into it, the server
+    stops; the file must pass qemu-img check and compare."""
     need("qemu-img")
     source = tmp_path / "source.raw"
     source.write_bytes(data)
     image = tmp_path / "new.vmdk"
     server = start_server("file=%s" % image, "create=true",
-                          "create-size=%d" % len(data),
+                          "create-size=%d" % (size or len(data)),
                           "create-type=stream-optimized")
     copy(server, str(source))
     assert server.stop() == 0
@@ -64,3 +65,23 @@ def test_qemu_img_convert_fills_a_new_stream(tmp_path, start_server):
         run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", source,
              server.qemu_uri])
     fill_new_stream(tmp_path, start_server, data, copy)
+
+
+def test_nbdcopy_fills_distant_regions_of_a_new_stream(tmp_path,
+                                                       start_server):
+    # Data hundreds of MiB apart: nbdcopy must not be offered several
+    # connections copying separate regions, which would arrive out of
+    # order far beyond what the writer buffers.
+    need("nbdcopy")
+    size = 400 * MIB
+    chunk = random_disk(MIB, 5, hole_every=1000, zero_every=1000)
+    regions = [0, 130 * MIB, 260 * MIB, size - MIB]
+
+    def copy(server, source):
+        with open(source, "r+b") as f:
+            f.truncate(size)
+            for offset in regions:
+                f.seek(offset)
+                f.write(chunk)
+        run(["nbdcopy", source, server.uri])
+    fill_new_stream(tmp_path, start_server, b"", copy, size=size)

@@ -10,7 +10,7 @@ import pytest
 from conftest import need, run
 from vmdk_fixtures import mapped, random_disk, read_all
 from vddktool.vmdk.extent import DATA, UNALLOCATED, VmdkError
-from vddktool.vmdk.stream import (WINDOW_GRAINS, StreamExtent,
+from vddktool.vmdk.stream import (StreamExtent, StreamWriter,
                                   create_stream_optimized)
 
 GRAIN = 64 * 1024
@@ -148,21 +148,44 @@ def test_write_back_to_a_finished_grain_is_refused(tmp_path):
         extent.close()
 
 
-def test_grains_behind_the_window_are_finished_with_zeros(tmp_path):
-    size = (WINDOW_GRAINS + 8) * GRAIN
+def test_a_full_buffer_finishes_the_lowest_grains(tmp_path):
+    path = str(tmp_path / "s.vmdk")
+    writer = StreamWriter(path, 16 * GRAIN, buffer_grains=3)
+    try:
+        writer.write(0, b"\x07" * 512)            # grain 0, incomplete
+        for grain in (9, 11, 13):                 # a fourth grain buffered
+            writer.write(grain * GRAIN + 512, b"\x09" * 512)
+        with pytest.raises(VmdkError, match="in order"):
+            writer.write(512, b"\x08" * 512)      # grain 0 is finished
+        writer.write(9 * GRAIN, b"\x0a" * 512)    # grain 9 still buffered
+    finally:
+        writer.close()
+    expected = bytearray(16 * GRAIN)
+    expected[:512] = b"\x07" * 512
+    for grain in (9, 11, 13):
+        expected[grain * GRAIN + 512:grain * GRAIN + 1024] = b"\x09" * 512
+    expected[9 * GRAIN:9 * GRAIN + 512] = b"\x0a" * 512
+    qemu_accepts(tmp_path, path, bytes(expected))
+
+
+def test_writes_far_ahead_do_not_finish_earlier_grains(tmp_path):
+    # A client skipping a hole of the source writes far ahead while its
+    # earlier requests are still in flight.
+    size = 4096 * GRAIN
     path = str(tmp_path / "s.vmdk")
     writer = create_stream_optimized(path, size, "ide", 4)
     try:
-        writer.write(0, b"\x07" * 512)            # grain 0, incomplete
-        writer.write(size - GRAIN, b"\x09" * GRAIN)
-        with pytest.raises(VmdkError, match="in order"):
-            writer.write(512, b"\x08" * 512)      # too late for grain 0
+        writer.write(0, b"\x01" * 1024)
+        writer.write(size - GRAIN, b"\x02" * GRAIN)
+        writer.write(1024, b"\x03" * 1024)        # still accepted
     finally:
         writer.close()
-    expected = bytearray(size)
-    expected[:512] = b"\x07" * 512
-    expected[-GRAIN:] = b"\x09" * GRAIN
-    qemu_accepts(tmp_path, path, bytes(expected))
+    extent = StreamExtent(path, size)
+    try:
+        assert bytes(extent.read(0, 2048)[0][1]) == (
+            b"\x01" * 1024 + b"\x03" * 1024)
+    finally:
+        extent.close()
 
 
 def test_flush_leaves_a_complete_stream_and_writing_goes_on(tmp_path):
@@ -223,7 +246,7 @@ def test_zero_requests(tmp_path):
 def test_zeroing_far_ahead_does_not_finish_buffered_grains(tmp_path):
     # nbdcopy zeroes the holes of its source as it finds them, possibly
     # far ahead of the data it is still writing.
-    size = (2 * WINDOW_GRAINS + 4) * GRAIN
+    size = 2048 * GRAIN
     path = str(tmp_path / "s.vmdk")
     writer = create_stream_optimized(path, size, "ide", 4)
     try:

@@ -31,10 +31,13 @@ advertise multi-conn, or nbdcopy copies distant regions of the disk at
 once over several connections, which no bounded buffer can put in order.
 
 Writes must go forwards, as nbdcopy and qemu-img convert send them.
-Requests in flight arrive in any order, so grains are buffered in a window
-of ``WINDOW_GRAINS`` past the first unfinished grain; a grain is compressed
-and appended once it is complete or falls behind the window.  A write to a
-grain already appended is refused with an error saying why.
+Requests in flight arrive in any order, and a client skipping a hole may
+already be writing far beyond it, so the writer buffers up to
+``BUFFER_GRAINS`` unfinished grains wherever they are.  A grain is
+compressed and appended once every grain before it is done, or, when the
+buffer is full, the lowest buffered grains are finished (their unwritten
+bytes read as zeros, as in any new disk).  A later write to a grain
+already appended is refused with an error saying why.
 """
 
 import array
@@ -62,9 +65,9 @@ MAX_TABLE_ENTRIES = 512
 WRITER_GRAIN_SECTORS = 128
 WRITER_DESCRIPTOR_SECTORS = 20
 WRITER_OVERHEAD_SECTORS = 128
-# 64 MiB of out-of-order grains: nbdcopy keeps at most 64 requests of
-# 256 KiB in flight per connection, up to four connections.
-WINDOW_GRAINS = 1024
+# 64 MiB of unfinished grains: four times what nbdcopy keeps in flight on
+# one connection (64 requests of 256 KiB).
+BUFFER_GRAINS = 1024
 # zlib level: level 1 compresses disk data nearly as well as the default
 # at several times the speed, and the writer is the bottleneck of a copy.
 WRITER_ZLIB_LEVEL = 1
@@ -295,7 +298,8 @@ class StreamWriter(GrainTableExtent):
     #: regions of the disk at once, far apart).
     sequential_writes_only = True
 
-    def __init__(self, path, size_bytes, adapter_type="ide", hwversion=4):
+    def __init__(self, path, size_bytes, adapter_type="ide", hwversion=4,
+                 buffer_grains=BUFFER_GRAINS):
         if size_bytes <= 0 or size_bytes % SECTOR:
             raise VmdkError("%s: a stream disk needs a size that is a "
                             "non-zero multiple of 512 bytes" % path)
@@ -312,6 +316,7 @@ class StreamWriter(GrainTableExtent):
         self._pending = {}         # grain index -> _PendingGrain
         self._next_grain = 0       # grains below this are final
         self._open_table = None    # table whose GT is not yet appended
+        self._buffer_grains = buffer_grains
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL,
                               0o666)
@@ -356,7 +361,7 @@ class StreamWriter(GrainTableExtent):
                 self._pending_grain(grain).fill(start, chunk)
                 position += length
             self._append_complete_head()
-            self._append_behind_window(end)
+            self._finish_over_budget()
 
     def zero(self, offset, count, may_trim=False):
         """Unwritten parts of a new stream read as zeros already, so only
@@ -375,9 +380,8 @@ class StreamWriter(GrainTableExtent):
                 start = max(offset, base) - base
                 stop = min(offset + count, base + len(pending.data)) - base
                 pending.fill(start, bytes(stop - start))
-            # Zeros add no data, so they never push the window forwards: a
-            # client zeroing the tail of the disk early must not finish
-            # grains it has yet to write.
+            # Zeros never finish grains they do not touch: qemu-img convert
+            # zeroes the whole disk before writing any data.
             self._append_complete_head()
 
     def flush(self):
@@ -471,12 +475,12 @@ class StreamWriter(GrainTableExtent):
                 break
             self._advance_to(self._next_grain + 1)
 
-    def _append_behind_window(self, frontier):
-        """Append every grain that fell more than the window behind the
-        data written up to ``frontier``, complete or not."""
-        behind = frontier // self.grain_size - WINDOW_GRAINS
-        if behind > self._next_grain:
-            self._advance_to(behind)
+    def _finish_over_budget(self):
+        """With the buffer full, finish the lowest buffered grains."""
+        excess = len(self._pending) - self._buffer_grains
+        if excess > 0:
+            lowest = sorted(self._pending)[excess - 1]
+            self._advance_to(lowest + 1)
 
     def _advance_to(self, new_next):
         """Make every grain below ``new_next`` final, appending the buffered
