@@ -60,6 +60,7 @@ MARKER_EOS, MARKER_GT, MARKER_GD, MARKER_FOOTER = 0, 1, 2, 3
 GRAIN_MARKER = struct.Struct("<QI")        # lba, compressed size
 META_MARKER = struct.Struct("<QII")        # sectors following, 0, type
 MAX_TABLE_ENTRIES = 512
+MAX_GTE_SECTOR = 0xFFFFFFFF
 
 # What StreamWriter produces.
 WRITER_GRAIN_SECTORS = 128
@@ -498,6 +499,10 @@ class StreamWriter(GrainTableExtent):
         record = GRAIN_MARKER.pack(grain * WRITER_GRAIN_SECTORS,
                                    len(packed)) + packed
         record += bytes(_round_up(len(record), SECTOR) - len(record))
+        if (self._data_end + len(record)) // SECTOR > MAX_GTE_SECTOR:
+            raise VmdkError("%s: the compressed stream has reached 2 TiB, "
+                            "the most its 32-bit grain tables can address"
+                            % self.path)
         os.pwrite(self.fd, record, self._data_end)
         table_index = grain // self.grains_per_table
         self._tables[table_index][grain % self.grains_per_table] = (
