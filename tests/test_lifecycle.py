@@ -450,3 +450,11 @@ def test_log_null_still_shows_mistakes(disk):
                     check=False)
     assert proc.returncode == 1
     assert proc.stderr.startswith("vddktool: colour: unknown parameter")
+
+
+def test_server_stopped_first_still_exits_with_the_commands_status(disk):
+    """A signal stops the server; the exit status is still the command's,
+    so a script never mistakes an interrupted copy for a finished one."""
+    proc = vddktool("-U", "-", disk, "--run",
+                    "kill -TERM $PPID; sleep 0.5; exit 7", check=False)
+    assert proc.returncode == 7

@@ -545,8 +545,8 @@ def _serve(options, backend, listeners):
                 command.start()
             if not stopper.requested:
                 server.serve_forever(listeners.sockets)
-            if command and command.finished:
-                status = command.status
+            if command:
+                status = command.wait()
     except Exception as e:
         # A bug, not a user mistake: say what happened and make sure the
         # process ends rather than hanging on a half-stopped server.

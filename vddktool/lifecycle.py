@@ -267,22 +267,32 @@ class CaptiveCommand(object):
         self.on_exit = on_exit
         self.status = None
         self._proc = None
+        self._watcher = None
 
     def start(self):
         log.debug("--run: starting the command")
         self._proc = subprocess.Popen(["/bin/sh", "-c", self.command],
                                       env=self.env, close_fds=True)
-        watcher = threading.Thread(target=self._wait, name="run-command")
-        watcher.daemon = True
-        watcher.start()
+        self._watcher = threading.Thread(target=self._wait,
+                                         name="run-command")
+        self._watcher.daemon = True
+        self._watcher.start()
 
     def _wait(self):
         self.status = exit_status(self._proc.wait())
         self.on_exit()
 
-    @property
-    def finished(self):
-        return self.status is not None
+    def wait(self):
+        """The command's exit status, once it has exited.
+
+        Used when the server stopped first (a signal): exiting 0 then
+        would tell a script that a copy still running had succeeded.
+        Without its server the command's client fails soon enough."""
+        if self.status is None:
+            log.debug("--run: waiting for the command (process %d) to exit",
+                      self._proc.pid)
+        self._watcher.join()
+        return self.status
 
 
 def exit_status(returncode):
