@@ -14,7 +14,7 @@ from fake_vddk.fixtures import fake_vddk, make_fake_vddk  # noqa: F401
 from vddktool import log, params
 from vddktool.engine import EXTENT_HOLE, EXTENT_ZERO, EngineError
 from vddktool.vddk import abi
-from vddktool.vddk.backend import VddkBackend
+from vddktool.vddk.backend import COMPLETIONS, VddkBackend
 from vddktool.vddk.stats import STATS
 
 MiB = 1024 * 1024
@@ -157,6 +157,23 @@ def test_concurrent_requests_each_get_their_own_data(fake_vddk,
     assert sorted(results) == offsets
     for offset in offsets:
         assert results[offset] == data[offset:offset + 64 * 1024], offset
+
+
+def test_requests_of_one_engine_are_in_flight_together(
+        fake_vddk, open_engine, monkeypatch):
+    monkeypatch.setenv("FAKE_VDDK_ASYNC_DELAY_US", "50000")
+    engine = open_engine(fake_vddk, file=fake_vddk.local_disk(size=MiB))
+    threads = [threading.Thread(target=engine.pread, args=(4096, n * 4096))
+               for n in range(8)]
+    for thread in threads:
+        thread.start()
+    most = 0
+    while any(thread.is_alive() for thread in threads):
+        most = max(most, COMPLETIONS.in_flight())
+    for thread in threads:
+        thread.join()
+    assert most >= 2
+    assert COMPLETIONS.in_flight() == 0
 
 
 def test_read_fault_is_eio_with_vddk_text_and_next_read_works(

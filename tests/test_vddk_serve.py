@@ -319,6 +319,18 @@ print("ok")
     assert out.stdout.split() == ["errno", "True", "ok"]
 
 
+def test_fua_write_is_followed_by_a_flush(fake_vddk, start_server):
+    disk = fake_vddk.local_disk(size=MiB)
+    server = serve(start_server, fake_vddk, disk)
+    nbdsh(server, "h.pwrite(b'\\x11' * 4096, 8192, nbd.CMD_FLAG_FUA)")
+    names = fake_vddk.call_names()
+    write = names.index("WriteAsync")
+    assert "Flush" in names[write:]
+    with open(disk, "rb") as f:
+        f.seek(8192)
+        assert f.read(4096) == b"\x11" * 4096
+
+
 def test_unaligned_request_is_refused(fake_vddk, start_server):
     server = serve(start_server, fake_vddk, fake_vddk.local_disk(size=MiB))
     out = nbdsh(server, """

@@ -89,6 +89,10 @@ class AsyncCompletions(object):
             self._pending[request_id] = completion
         return request_id, completion
 
+    def in_flight(self):
+        with self._lock:
+            return len(self._pending)
+
     def forget(self, request_id):
         with self._lock:
             self._pending.pop(request_id, None)
