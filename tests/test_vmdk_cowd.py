@@ -128,6 +128,19 @@ def test_write_into_a_missing_grain_table(tmp_path):
         extent.close()
 
 
+def test_unclean_file_is_read_with_a_warning(tmp_path, capfd):
+    data = random_disk(MIB, 7)
+    delta = str(tmp_path / "u-delta.vmdk")
+    build_cowd(delta, data, unclean=True)
+    extent = CowdExtent(delta, len(data))
+    try:
+        assert read_all(extent) == data
+    finally:
+        extent.close()
+    assert "u-delta.vmdk: the vmfsSparse file was not closed cleanly" in (
+        capfd.readouterr().err)
+
+
 def test_read_only_extent_refuses_writes(tmp_path):
     desc, delta, data, _ = root_disk(tmp_path, size=MIB)
     extent = CowdExtent(delta, len(data))

@@ -2,8 +2,10 @@
 the oracle wherever it can read the file."""
 
 import json
+import random
 import re
 import struct
+import threading
 import zlib
 
 import pytest
@@ -47,6 +49,37 @@ def test_reads_back_what_was_stored(tmp_path, footer):
         assert read_all(extent, 4096 * 3 + 512) == data
     finally:
         extent.close()
+
+
+def test_concurrent_readers(tmp_path):
+    # The server reads one extent from many threads; the table and grain
+    # caches are shared between them.
+    data = disk(seed=11)
+    path = str(tmp_path / "s.vmdk")
+    build_stream(path, data)
+    extent = open_stream(path, len(data))
+    failures = []
+
+    def reader(seed):
+        rng = random.Random(seed)
+        for _ in range(200):
+            offset = rng.randrange(len(data) - 10000)
+            count = rng.randrange(1, 10000)
+            got = b"".join(bytes(length) if isinstance(value, str)
+                           else bytes(value) for length, value in
+                           extent.read(offset, count))
+            if got != data[offset:offset + count]:
+                failures.append((offset, count))
+
+    threads = [threading.Thread(target=reader, args=(n,)) for n in range(6)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        extent.close()
+    assert failures == []
 
 
 def test_vmware_layout_agrees_with_qemu(tmp_path):

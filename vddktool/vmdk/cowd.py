@@ -22,6 +22,7 @@ import os
 import struct
 import threading
 
+from .. import log
 from . import descriptor as descriptor_mod
 from .create import disk_database
 from .extent import DATA, UNALLOCATED, VmdkError
@@ -106,6 +107,12 @@ class CowdExtent(GrainTableExtent):
         self.grain_size = grain_sectors * SECTOR
         self.gd_offset = gd_offset
         self.free_sector = free_sector
+        if struct.unpack_from("<I", raw, UNCLEAN_SHUTDOWN_AT)[0]:
+            # Harmless for reading: entries are written after what they
+            # point at.  Allocation starts past the end of the file, so
+            # grains a crash left unreferenced are never handed out twice.
+            log.warning("%s: the vmfsSparse file was not closed cleanly",
+                        path)
         self.is_root = bool(flags & FLAG_ROOT)
         self.parent_file_name = None if self.is_root else raw[
             PARENT_NAME_AT:PARENT_NAME_AT + PARENT_NAME_SIZE].split(
