@@ -10,7 +10,8 @@ import threading
 
 import pytest
 
-from fake_vddk.fixtures import fake_vddk, make_fake_vddk  # noqa: F401
+from fake_vddk.fixtures import (fake_vddk, load_helpers,  # noqa: F401
+                                make_fake_vddk)
 from vddktool import log, params
 from vddktool.engine import EXTENT_HOLE, EXTENT_ZERO, EngineError
 from vddktool.vddk import abi
@@ -228,6 +229,22 @@ def test_init_happens_after_fork_and_exit_at_cleanup(fake_vddk, steer):
                                                 "/etc/vddk.conf")
     backend.cleanup()
     assert fake_vddk.call_names()[-1] == "Exit"
+
+
+def test_everything_the_library_hands_out_is_given_back(fake_vddk,
+                                                         backend_for):
+    fake_vddk.fail_read_at(0)
+    backend = backend_for(fake_vddk,
+                          file=fake_vddk.local_disk(size=MiB, data=b"x"))
+    helpers = load_helpers(fake_vddk.library)
+    for _ in range(2):
+        engine = backend.open("", False)
+        assert helpers.fake_vddk_outstanding() > 0   # the ConnectParams
+        with pytest.raises(EngineError):
+            engine.pread(512, 0)            # error text
+        engine.extents(MiB, 0)              # block list
+        engine.close()                      # info, connect params
+    assert helpers.fake_vddk_outstanding() == 0
 
 
 # -- open flags and connection parameters
