@@ -10,16 +10,17 @@ sets a flag and writes a byte to a pipe that is never drained: the pipe
 then stays readable, waking every select() that watches it, now or later.
 """
 
+import collections
 import errno
 import itertools
 import os
-import queue
 import select
 import selectors
 import socket
 import socketserver
 import stat
 import threading
+from time import monotonic
 
 from . import log
 from . import protocol as nbd
@@ -28,6 +29,10 @@ from .engine import (FUA_EMULATE, FUA_NATIVE, MAX_REQUEST_SIZE, PARALLEL,
 
 # Buffers per sendmsg/writev call, well under Linux's IOV_MAX of 1024.
 _MAX_IOVECS = 512
+
+# How long queued requests wait while running workers make no progress
+# before another worker is woken for them (see _WorkerPool).
+_WORKER_PATIENCE_SECONDS = 0.005
 
 # How long the main thread may sleep in select().  The kernel may deliver
 # SIGTERM to any thread; Python then runs the handler only when the main
@@ -161,6 +166,120 @@ def _stdio_channel(read_fd, write_fd, stop_fd):
         sock.setblocking(True)
         return _SocketChannel(sock)
     return _PipeChannel(read_fd, write_fd, stop_fd)
+
+
+class _WorkerPool(object):
+    """Runs one connection's requests on up to ``size`` threads.
+
+    Handing a request to a sleeping thread costs a wake-up and a GIL
+    hand-off, which for a read from the page cache costs more than the read
+    itself: so a thread that finishes a request takes the next queued one
+    at once, and idle threads stay asleep.  Only when requests are queued
+    and the disk has made no progress for ``patience`` seconds (the running
+    threads are stuck in slow I/O, and a slow request must not hold up fast
+    ones) does another thread join in.  One idle thread, the standby, times
+    that.  A thread blocked sending means the client is the bottleneck,
+    which more threads would not help.
+
+    ``execute(item)`` does the work and returns what ``deliver`` sends.
+    """
+
+    def __init__(self, execute, deliver, size, patience):
+        self._execute = execute
+        self._deliver = deliver
+        self._size = size
+        self._patience = patience
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._room = threading.Condition(self._lock)
+        # Bounded, so a client that floods writes without reading replies
+        # is held back by the socket instead of filling our memory.
+        self._limit = 2 * size
+        self._pending = collections.deque()
+        self._threads = []
+        self._running = 0
+        self._sending = 0
+        self._idle = 0
+        self._standby = False
+        self._closing = False
+        self._last_progress = monotonic()
+
+    def submit(self, item):
+        with self._lock:
+            while len(self._pending) >= self._limit:
+                self._room.wait()
+            self._pending.append(item)
+            if self._running == 0 or not self._standby:
+                self._wake()
+
+    def close(self):
+        """Finish every queued request, then stop the threads."""
+        with self._lock:
+            self._closing = True
+            self._work.notify_all()
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join()
+
+    def _wake(self):
+        if self._idle:
+            self._work.notify()
+        elif len(self._threads) < self._size:
+            thread = threading.Thread(target=self._loop, name="nbd-worker")
+            thread.daemon = True
+            self._threads.append(thread)
+            thread.start()
+
+    def _may_take(self, just_finished):
+        if not self._pending:
+            return False
+        if just_finished or self._running == 0 or self._closing:
+            return True
+        return self._sending == 0 and (
+            monotonic() - self._last_progress >= self._patience)
+
+    def _loop(self):
+        just_finished = False
+        with self._lock:
+            while True:
+                if self._may_take(just_finished):
+                    item = self._pending.popleft()
+                    self._running += 1
+                    self._last_progress = monotonic()
+                    self._room.notify()
+                    if self._pending and not self._standby:
+                        self._wake()
+                    self._lock.release()
+                    try:
+                        reply = self._execute(item)
+                        with self._lock:
+                            self._sending += 1
+                            self._last_progress = monotonic()
+                        try:
+                            self._deliver(reply)
+                        finally:
+                            with self._lock:
+                                self._sending -= 1
+                    finally:
+                        self._lock.acquire()
+                        self._running -= 1
+                        self._last_progress = monotonic()
+                    just_finished = True
+                    continue
+                just_finished = False
+                if self._closing and not self._pending:
+                    return
+                if self._pending and not self._standby:
+                    self._standby = True
+                    stalled = monotonic() - self._last_progress
+                    if stalled >= self._patience:
+                        stalled = 0.0  # stalled on sending: check later
+                    self._work.wait(self._patience - stalled)
+                    self._standby = False
+                else:
+                    self._idle += 1
+                    self._work.wait()
+                    self._idle -= 1
 
 
 # ---------------------------------------------------------------------------
@@ -347,23 +466,13 @@ class Connection(object):
             nbd.CMD_WRITE_ZEROES: self._zero,
             nbd.CMD_BLOCK_STATUS: self._block_status,
         }
-        # Bounded, so a client that floods writes without reading replies
-        # is held back by TCP instead of filling our memory with payloads.
-        requests = queue.Queue(self.settings.threads)
-        workers = [threading.Thread(target=self._work, args=(requests,),
-                                    name="nbd-worker")
-                   for _ in range(self.settings.threads)]
-        for worker in workers:
-            worker.daemon = True
-            worker.start()
+        pool = _WorkerPool(self._execute, self._send, self.settings.threads,
+                           _WORKER_PATIENCE_SECONDS)
         try:
-            self._read_requests(requests)
+            self._read_requests(pool.submit)
         finally:
             # DISC, end of stream or shutdown: finish what is in flight.
-            for _ in workers:
-                requests.put(None)
-            for worker in workers:
-                worker.join()
+            pool.close()
         # A client that leaves flushes if it cares (nbdkit does not flush
         # for it, and an fdatasync per disconnect costs seconds); a server
         # shutdown cuts clients off, so it flushes on their behalf.
@@ -374,14 +483,13 @@ class Connection(object):
             except Exception as exc:
                 log.error("flush at disconnect: %s", exc)
 
-    def _read_requests(self, requests):
+    def _read_requests(self, submit):
         header = bytearray(nbd.REQUEST_SIZE)
         header_view = memoryview(header)
         read_into = self.channel.read_into
         unpack = nbd.REQUEST.unpack_from
         validate = nbd.validate_request
         limits = self.limits
-        put = requests.put
         debugging = self.debugging
         while True:
             if not read_into(header_view):
@@ -412,25 +520,19 @@ class Connection(object):
             if error:
                 self._send(self._error_reply(command, cookie, error))
                 continue
-            put((flags, command, cookie, offset, length, payload))
+            submit((flags, command, cookie, offset, length, payload))
 
-    def _work(self, requests):
-        handlers = self._handlers
-        get = requests.get
-        while True:
-            request = get()
-            if request is None:
-                return
-            flags, command, cookie, offset, length, payload = request
-            try:
-                reply = handlers[command](flags, cookie, offset, length,
-                                          payload)
-            except Exception as exc:
-                error = nbd.nbd_errno(errno_of(exc))
-                log.error("%s: %s at offset %d length %d: %s", self.peer,
-                          nbd.COMMAND_NAMES[command], offset, length, exc)
-                reply = self._error_reply(command, cookie, error, str(exc))
-            self._send(reply)
+    def _execute(self, request):
+        flags, command, cookie, offset, length, payload = request
+        try:
+            reply = self._handlers[command](flags, cookie, offset, length,
+                                            payload)
+        except Exception as exc:
+            error = nbd.nbd_errno(errno_of(exc))
+            log.error("%s: %s at offset %d length %d: %s", self.peer,
+                      nbd.COMMAND_NAMES[command], offset, length, exc)
+            reply = self._error_reply(command, cookie, error, str(exc))
+        return reply
 
     def _error_reply(self, command, cookie, error, message=""):
         if self.structured and command in (nbd.CMD_READ,
