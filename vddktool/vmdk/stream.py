@@ -41,6 +41,7 @@ already appended is refused with an error saying why.
 """
 
 import array
+import collections
 import os
 import struct
 import threading
@@ -309,6 +310,8 @@ class StreamWriter(GrainTableExtent):
         self.grain_size = WRITER_GRAIN_SECTORS * SECTOR
         self.grains_per_table = MAX_TABLE_ENTRIES
         self._lock = threading.RLock()
+        # Signalled whenever a grain's compression finishes.
+        self._compressed = threading.Condition(self._lock)
         self._capacity = size_bytes // SECTOR
         table_span = self.grain_size * self.grains_per_table
         self._table_count = (size_bytes + table_span - 1) // table_span
@@ -316,6 +319,9 @@ class StreamWriter(GrainTableExtent):
         self._directory = array.array("I", bytes(4 * self._table_count))
         self._pending = {}         # grain index -> _PendingGrain
         self._next_grain = 0       # grains below this are final
+        # Final grains not yet appended, ascending: grain -> [data, packed]
+        # with packed None while a thread compresses it.
+        self._finishing = collections.OrderedDict()
         self._open_table = None    # table whose GT is not yet appended
         self._buffer_grains = buffer_grains
         try:
@@ -361,8 +367,9 @@ class StreamWriter(GrainTableExtent):
                 chunk = data[position - offset:position - offset + length]
                 self._pending_grain(grain).fill(start, chunk)
                 position += length
-            self._append_complete_head()
-            self._finish_over_budget()
+            claimed = self._finish_complete_head()
+            claimed += self._finish_over_budget()
+        self._compress_and_append(claimed)
 
     def zero(self, offset, count, may_trim=False):
         """Unwritten parts of a new stream read as zeros already, so only
@@ -383,7 +390,8 @@ class StreamWriter(GrainTableExtent):
                 pending.fill(start, bytes(stop - start))
             # Zeros never finish grains they do not touch: qemu-img convert
             # zeroes the whole disk before writing any data.
-            self._append_complete_head()
+            claimed = self._finish_complete_head()
+        self._compress_and_append(claimed)
 
     def flush(self):
         """Make everything written so far durable: buffered grains become
@@ -391,8 +399,16 @@ class StreamWriter(GrainTableExtent):
         with self._lock:
             if self.fd < 0:
                 return
-            if self._pending:
-                self._advance_to(max(self._pending) + 1)
+            claimed = self._finish_below(max(self._pending) + 1) \
+                if self._pending else []
+        self._compress_and_append(claimed)
+        with self._lock:
+            # Grains other threads are compressing must land before the
+            # tail, or the tail would describe a stream without them.
+            while any(packed is None
+                      for _, packed in self._finishing.values()):
+                self._compressed.wait()
+            self._append_compressed()
             self._write_tail()
             os.fsync(self.fd)
 
@@ -409,7 +425,7 @@ class StreamWriter(GrainTableExtent):
         return self._tables.get(table_index)
 
     def _entry(self, entry, grain_index):
-        if grain_index in self._pending:
+        if grain_index in self._pending or grain_index in self._finishing:
             return DATA, None
         return (DATA, entry) if entry else (UNALLOCATED, None)
 
@@ -417,6 +433,8 @@ class StreamWriter(GrainTableExtent):
         pending = self._pending.get(grain_index)
         if pending is not None:
             return bytes(pending.data)
+        if grain_index in self._finishing:
+            return self._finishing[grain_index][0]
         expected = min(self.grain_size, self.size - grain_index *
                        self.grain_size)
         return decode_grain(self.fd, self.path, sector, grain_index,
@@ -445,6 +463,9 @@ class StreamWriter(GrainTableExtent):
 
     def _any_data(self, first, stop):
         """True when a finished grain in [first, stop) holds data."""
+        for grain, (data, _) in self._finishing.items():
+            if first <= grain < stop and not _all_zeros(data):
+                return True
         per_table = self.grains_per_table
         for table_index, table in self._tables.items():
             base = table_index * per_table
@@ -468,34 +489,63 @@ class StreamWriter(GrainTableExtent):
                 "I", bytes(4 * self.grains_per_table))
         return table
 
-    def _append_complete_head(self):
-        """Append the complete grains at the head of the buffer."""
+    # Finishing a grain takes three steps.  Under the lock, it leaves the
+    # buffer for the finishing queue (from then on writes to it are
+    # refused).  Outside the lock, the thread that finished it compresses
+    # it, so several server threads compress at once.  Under the lock
+    # again, grains at the front of the queue are appended in order.
+
+    def _finish_complete_head(self):
+        """Finish the complete grains at the head of the buffer."""
+        claimed = []
         while True:
             pending = self._pending.get(self._next_grain)
             if pending is None or not pending.complete():
-                break
-            self._advance_to(self._next_grain + 1)
+                return claimed
+            claimed += self._finish_below(self._next_grain + 1)
 
     def _finish_over_budget(self):
         """With the buffer full, finish the lowest buffered grains."""
         excess = len(self._pending) - self._buffer_grains
-        if excess > 0:
-            lowest = sorted(self._pending)[excess - 1]
-            self._advance_to(lowest + 1)
+        if excess <= 0:
+            return []
+        return self._finish_below(sorted(self._pending)[excess - 1] + 1)
 
-    def _advance_to(self, new_next):
-        """Make every grain below ``new_next`` final, appending the buffered
-        ones in order (their unwritten bytes are zeros, as in a new disk)."""
+    def _finish_below(self, new_next):
+        """Make every grain below ``new_next`` final (unwritten bytes of a
+        buffered grain are zeros, as in any new disk); return the buffered
+        ones as [(grain, data)] for the caller to compress."""
+        claimed = []
         for grain in sorted(g for g in self._pending if g < new_next):
-            self._close_tables_below(grain // self.grains_per_table)
-            self._append_grain(grain, self._pending.pop(grain).data)
-        self._close_tables_below(new_next // self.grains_per_table)
+            data = bytes(self._pending.pop(grain).data)
+            self._finishing[grain] = [data, None]
+            claimed.append((grain, data))
         self._next_grain = max(self._next_grain, new_next)
+        return claimed
 
-    def _append_grain(self, grain, data):
-        if not any(data):
-            return
-        packed = zlib.compress(bytes(data), WRITER_ZLIB_LEVEL)
+    def _compress_and_append(self, claimed):
+        results = [(grain, _compress_grain(data)) for grain, data in claimed]
+        with self._lock:
+            for grain, packed in results:
+                self._finishing[grain][1] = packed
+            if results:
+                self._compressed.notify_all()
+            self._append_compressed()
+
+    def _append_compressed(self):
+        """Append the compressed grains at the front of the queue; once
+        the queue is empty, the grain tables below the buffer are done."""
+        while self._finishing:
+            grain, (_, packed) = next(iter(self._finishing.items()))
+            if packed is None:
+                return
+            self._close_tables_below(grain // self.grains_per_table)
+            if packed:
+                self._append_grain(grain, packed)
+            del self._finishing[grain]
+        self._close_tables_below(self._next_grain // self.grains_per_table)
+
+    def _append_grain(self, grain, packed):
         record = GRAIN_MARKER.pack(grain * WRITER_GRAIN_SECTORS,
                                    len(packed)) + packed
         record += bytes(_round_up(len(record), SECTOR) - len(record))
@@ -544,6 +594,20 @@ class StreamWriter(GrainTableExtent):
                 + _meta_marker(0, MARKER_EOS))
         os.pwrite(self.fd, tail, position)
         os.ftruncate(self.fd, position + len(tail))
+
+
+def _all_zeros(data):
+    # bytes.count runs at memory speed; any() is a thousand times slower
+    # on a grain that really is all zeros.
+    return not data[0] and data.count(0) == len(data)
+
+
+def _compress_grain(data):
+    """The zlib stream of a grain; b"" for a grain of zeros, which is left
+    out of the stream (it reads as zeros anyway)."""
+    if _all_zeros(data):
+        return b""
+    return zlib.compress(data, WRITER_ZLIB_LEVEL)
 
 
 def create_stream_optimized(path, size_bytes, adapter_type, hwversion):
