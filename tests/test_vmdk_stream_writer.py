@@ -8,8 +8,10 @@ import threading
 import pytest
 
 from conftest import need, run
-from vmdk_fixtures import mapped, random_disk, read_all
+from vmdk_fixtures import (mapped, random_disk, read_all,
+                           stream_grain_sectors)
 from vddktool.vmdk.extent import DATA, UNALLOCATED, VmdkError
+from vddktool.vmdk import stream
 from vddktool.vmdk.stream import (StreamExtent, StreamWriter,
                                   create_stream_optimized)
 
@@ -86,6 +88,43 @@ def test_writes_from_many_threads(tmp_path):
     writer.close()
     assert errors == []
     qemu_accepts(tmp_path, path, data)
+
+
+def test_grains_compressed_out_of_order_are_appended_in_order(
+        tmp_path, monkeypatch):
+    # Thread A finishes grain 0 but compresses slowly; grain 1, finished
+    # later, is compressed first.  The file must still hold grain 0 first,
+    # and a flush must wait for grain 0.
+    release = threading.Event()
+    real_compress = stream._compress_grain
+
+    def slow_for_grain_zero(data):
+        if data[:1] == b"\x01":
+            assert release.wait(10)
+        return real_compress(data)
+
+    monkeypatch.setattr(stream, "_compress_grain", slow_for_grain_zero)
+    path = str(tmp_path / "order.vmdk")
+    writer = create_stream_optimized(path, MIB, "ide", 4)
+    slow = threading.Thread(target=writer.write, args=(0, b"\x01" * GRAIN))
+    slow.start()
+    while 0 not in writer._finishing:
+        slow.join(0.01)
+    writer.write(GRAIN, b"\x02" * GRAIN)
+    assert writer.map(0, 2 * GRAIN) == [(2 * GRAIN, DATA)]
+    assert bytes(writer.read(0, 4)[0][1]) == b"\x01" * 4
+    flusher = threading.Thread(target=writer.flush)
+    flusher.start()
+    flusher.join(0.2)
+    assert flusher.is_alive()                # waiting for grain 0
+    release.set()
+    slow.join(10)
+    flusher.join(10)
+    writer.close()
+    sectors = stream_grain_sectors(path)
+    assert sectors[0] < sectors[1]
+    expected = b"\x01" * GRAIN + b"\x02" * GRAIN + bytes(MIB - 2 * GRAIN)
+    qemu_accepts(tmp_path, path, expected)
 
 
 def test_vmware_layout_and_descriptor(tmp_path):
