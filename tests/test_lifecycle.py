@@ -11,6 +11,7 @@ import time
 import pytest
 
 from conftest import CLIENT_ENV, ROOT, need, run, vddktool, vddktool_cmd
+from vddktool import lifecycle
 
 DISK_SIZE = 4 * 1024 * 1024
 
@@ -84,6 +85,26 @@ def test_run_sets_the_unix_socket_variables(disk):
     assert env["port"] == ""
     assert env["exportname"] == "my disk"
     assert env["tls"] == "0"
+
+
+def listeners_at(unix_path=None, port=None, ipaddr=None):
+    listeners = lifecycle.Listeners()
+    listeners.unix_path, listeners.port, listeners.ipaddr = \
+        unix_path, port, ipaddr
+    return listeners
+
+
+@pytest.mark.parametrize("listeners,export,uri", [
+    (listeners_at(unix_path="/run/a b/s"), "",
+     "nbd+unix:///?socket=/run/a%20b/s"),
+    (listeners_at(port=10809), "", "nbd://localhost"),
+    (listeners_at(port=10809), "[ds] a.vmdk",
+     "nbd://localhost/%5Bds%5D%20a.vmdk"),
+    (listeners_at(port=2000, ipaddr="::1"), "x", "nbd://[::1]:2000/x"),
+    (listeners_at(port=2000, ipaddr="10.0.0.1"), "", "nbd://10.0.0.1:2000"),
+])
+def test_uri_for_run(listeners, export, uri):
+    assert lifecycle.nbd_uri(listeners, export) == uri
 
 
 def test_private_socket_dir_is_removed_on_exit(disk, tmp_path):
