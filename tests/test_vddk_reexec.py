@@ -175,3 +175,39 @@ def test_no_reexec_when_the_path_is_already_set(fake_vddk, start_server):
                           fake_vddk.local_disk(), env=env)
     assert run(["nbdinfo", "--size", server.uri]).returncode == 0
     assert "re-executing" not in server.log()
+
+
+def test_socket_activation_survives_the_reexec(fake_vddk, tmp_path):
+    import socket
+    import subprocess
+    sock_path = str(tmp_path / "activated.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock_path)
+    listener.listen(8)
+    fd = listener.fileno()
+    # The launcher moves the socket to fd 3 and becomes vddktool, keeping
+    # its PID, as systemd hands sockets over.
+    launcher = ("import os, sys\n"
+                "os.dup2(int(sys.argv[1]), 3)\n"
+                "os.environ.update(LISTEN_PID=str(os.getpid()), "
+                "LISTEN_FDS='1')\n"
+                "os.execv(sys.argv[2], sys.argv[2:])\n")
+    log_path = str(tmp_path / "server.log")
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", launcher, str(fd), sys.executable, "-m",
+             "vddktool", "-v", "backend=vddk", "libdir=" + fake_vddk.libdir,
+             fake_vddk.local_disk()],
+            pass_fds=(fd,), stdout=log_file, stderr=log_file,
+            env=dict(CLIENT_ENV, **fake_vddk.env), cwd=ROOT)
+    listener.close()
+    try:
+        size = run(["nbdinfo", "--size", "nbd+unix:///?socket=" + sock_path],
+                   timeout=60).stdout.strip()
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    with open(log_path) as f:
+        log_text = f.read()
+    assert size == str(1024 * 1024), log_text
+    assert "re-executing" in log_text

@@ -117,8 +117,28 @@ def recover_secrets(values, environ=None):
         secret.value = data.decode("utf-8")
 
 
+def startup_environment():
+    """The environment this process was started with.
+
+    Start-up code may already have edited os.environ for its own children
+    (socket activation removes LISTEN_FDS, for one), but the re-executed
+    process must start exactly as this one did.
+    """
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return dict(os.environ)
+    env = {}
+    for item in raw.split(b"\0"):
+        name, sep, value = item.partition(b"=")
+        if sep and name:
+            env[os.fsdecode(name)] = os.fsdecode(value)
+    return env
+
+
 def reexec_environment(library_dir, environ=None):
-    env = dict(os.environ if environ is None else environ)
+    env = dict(startup_environment() if environ is None else environ)
     original = env.get("LD_LIBRARY_PATH")
     if original is not None:
         env[ORIGINAL_LD_LIBRARY_PATH] = original
