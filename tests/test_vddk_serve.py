@@ -99,6 +99,14 @@ def test_esxi_example_with_password_file(fake_vddk, start_server,
     assert "esxi secret" not in server.log()
 
 
+def test_file_prefix_is_optional(fake_vddk, start_server):
+    disk = fake_vddk.local_disk(size=3 * MiB)
+    server = serve(start_server, fake_vddk, "file=" + disk)
+    assert run([need("nbdinfo"), "--size", server.uri]).stdout.strip() \
+        == str(3 * MiB)
+    assert fake_vddk.calls("Open")[-1]["path"] == disk
+
+
 def test_vcenter_example(fake_vddk, start_server):
     name = fake_vddk.remote_disk("datastore1", "Fedora/Fedora.vmdk",
                                  data=pattern(MiB), size=MiB)
@@ -401,8 +409,14 @@ def debug_run(tmp_path_factory):
     return get
 
 
+# The manual's advice for performance problems, word for word.
+PERFORMANCE_FLAGS = ("-D", "nbdkit.backend.datapath=0", "-D",
+                     "vddk.datapath=0", "-D", "vddk.stats=1")
+
+
 def test_stats_printed_at_exit(debug_run):
-    err = debug_run("-D", "vddk.stats=1")
+    err = debug_run(*PERFORMANCE_FLAGS)
+    assert "VixDiskLib_ReadAsync: sector" not in err
     table = err[err.index("VDDK function stats"):]
     read_row = [line for line in table.splitlines()
                 if line.split()[2:3] == ["ReadAsync"]]
