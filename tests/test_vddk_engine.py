@@ -247,6 +247,30 @@ def test_everything_the_library_hands_out_is_given_back(fake_vddk,
     assert helpers.fake_vddk_outstanding() == 0
 
 
+def test_open_and_close_never_overlap(fake_vddk, backend_for,
+                                      monkeypatch):
+    monkeypatch.setenv("FAKE_VDDK_OPEN_CLOSE_PAUSE_MS", "20")
+    backend = backend_for(fake_vddk, file=fake_vddk.local_disk())
+    engines = []
+
+    def open_one():
+        engines.append(backend.open("", True))
+
+    def run_all(targets):
+        threads = [threading.Thread(target=t) for t in targets]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+
+    run_all([open_one] * 6)
+    assert len(engines) == 6
+    run_all([engine.close for engine in engines])
+    names = fake_vddk.call_names()
+    assert names.count("Open") == names.count("Close") == 6
+    assert "Overlap" not in names
+
+
 # -- open flags and connection parameters
 
 

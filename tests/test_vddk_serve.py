@@ -339,6 +339,43 @@ def test_fua_write_is_followed_by_a_flush(fake_vddk, start_server):
         assert f.read(4096) == b"\x11" * 4096
 
 
+def test_unwritable_directory_needs_readonly(fake_vddk, start_server,
+                                            tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    disk = str(locked / "file.vmdk")
+    with open(disk, "wb") as f:
+        f.truncate(MiB)
+    locked.chmod(0o555)
+    try:
+        server = serve(start_server, fake_vddk, disk)
+        refused = run([need("nbdinfo"), "--size", server.uri], check=False)
+        assert refused.returncode != 0
+        assert "error: FILE: FileLockCreateEntryDirectory" in server.log()
+        readonly = serve(start_server, fake_vddk, "-r", disk)
+        assert run([need("nbdinfo"), "--size", readonly.uri]).stdout \
+            .strip() == str(MiB)
+    finally:
+        locked.chmod(0o755)
+
+
+def test_nfc_out_of_memory_is_an_error_the_user_sees(fake_vddk,
+                                                     start_server):
+    name = fake_vddk.remote_disk(size=8 * MiB)
+    fake_vddk.env["FAKE_VDDK_MAX_REQUEST_BYTES"] = str(2 * MiB)
+    server = serve(start_server, fake_vddk, name, *remote_args(fake_vddk))
+    out = nbdsh(server, """
+try:
+    h.pread(4 * 1024 * 1024, 0)
+    print("no error")
+except nbd.Error:
+    print("failed")
+print(len(h.pread(1024 * 1024, 0)))
+""")
+    assert out.stdout.split() == ["failed", str(MiB)]
+    assert "error: [NFC ERROR]" in server.log()
+
+
 def test_unaligned_request_is_refused(fake_vddk, start_server):
     server = serve(start_server, fake_vddk, fake_vddk.local_disk(size=MiB))
     out = nbdsh(server, """
