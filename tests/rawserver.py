@@ -224,6 +224,8 @@ def parse_args(argv):
     parser.add_argument("--serialize", action="store_true")
     parser.add_argument("--tls", default="off")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--shutdown-grace", type=int,
+                        help="sets -D server.shutdown_grace")
     return parser.parse_args(argv)
 
 
@@ -251,6 +253,8 @@ def main(argv):
     options = parse_args(argv)
     engine, log, server = _import_vddktool()
     log.configure(verbose=options.verbose)
+    if options.shutdown_grace is not None:
+        log.set_debug_flag("server.shutdown_grace", options.shutdown_grace)
     backend = build_backend(options)
     settings = server.ServerSettings(
         readonly=options.readonly, export_name=options.export_name,

@@ -352,3 +352,18 @@ def test_unix_and_tcp_listeners_at_once(raw_server, tmp_path):
     nbdinfo = need("nbdinfo")
     for uri in ("nbd://127.0.0.1:%d/" % port, server.uri):
         assert "export-size: 8192" in run([nbdinfo, uri]).stdout
+
+
+def test_shutdown_cuts_off_a_client_that_never_reads(raw_server):
+    server = raw_server("--ram", str(1 << 20), "--shutdown-grace", "1")
+    client = RawClient.unix(server.sock)
+    client.go()
+    for cookie in range(64):  # 64 MiB of replies nobody reads
+        client.request(nbd.CMD_READ, cookie, 0, 1 << 20)
+    time.sleep(0.3)
+    started = time.time()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(20) == 0
+    assert time.time() - started < 10
+    assert "cutting off clients" in server.log()
+    client.close()

@@ -1,9 +1,11 @@
 """Sockets, threads and request dispatch around the sans-IO protocol.
 
 Each connection gets one thread (socketserver-style) that negotiates and
-then reads requests; the requests run on a small pool of worker threads
+then reads requests; the requests run on a pool of up to -t worker threads
 per connection, so a client can keep many in flight (nbdcopy sends 64),
-and replies go out in completion order under a write lock.
+and replies go out in completion order under a write lock.  The pool
+wakes extra threads only when the disk stalls: with Python's GIL, every
+hand-off between threads costs more than a read from the page cache.
 
 Shutdown must be callable from a signal handler, so ``shutdown()`` only
 sets a flag and writes a byte to a pipe that is never drained: the pipe
@@ -33,6 +35,11 @@ _MAX_IOVECS = 512
 # How long queued requests wait while running workers make no progress
 # before another worker is woken for them (see _WorkerPool).
 _WORKER_PATIENCE_SECONDS = 0.005
+
+# How long shutdown waits for connections to finish their requests before
+# cutting their sockets (a client that never reads its replies would block
+# our sends forever).  -D server.shutdown_grace=SECONDS overrides it.
+_SHUTDOWN_GRACE_SECONDS = 10
 
 # How long the main thread may sleep in select().  The kernel may deliver
 # SIGTERM to any thread; Python then runs the handler only when the main
@@ -103,6 +110,13 @@ class _SocketChannel(object):
         except OSError:
             pass
 
+    def abort(self):
+        """Also fail any send blocked on a client that does not read."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def close(self):
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
@@ -145,6 +159,9 @@ class _PipeChannel(object):
 
     def stop_reading(self):
         pass  # the stop pipe wakes read_into
+
+    def abort(self):
+        pass  # a write to a pipe cannot be cut short
 
     def close(self):
         pass  # stdin/stdout belong to the process
@@ -290,7 +307,7 @@ class _Disconnect(Exception):
     """The connection cannot continue (protocol violation, client gone)."""
 
 
-class Connection(object):
+class _Connection(object):
     def __init__(self, server, channel, peer):
         self.server = server
         self.backend = server.backend
@@ -317,6 +334,9 @@ class Connection(object):
 
     def stop_reading(self):
         self.channel.stop_reading()
+
+    def abort(self):
+        self.channel.abort()
 
     def run(self):
         engine = None
@@ -661,7 +681,7 @@ class _NbdHandler(socketserver.BaseRequestHandler):
         nbd_server = self.server.nbd_server
         peer = "connection %d (%s)" % (nbd_server._next_connection_number(),
                                        self.client_address or "unix socket")
-        Connection(nbd_server, _SocketChannel(sock), peer).run()
+        _Connection(nbd_server, _SocketChannel(sock), peer).run()
 
 
 def _listener_for(sock):
@@ -725,20 +745,34 @@ class Server(object):
         with self._lock:
             return next(self._connection_numbers)
 
-    def _stop_connections(self):
+    def _stop_connections(self, how="stop_reading"):
         with self._lock:
             connections = list(self._connections)
         for connection in connections:
-            connection.stop_reading()
+            getattr(connection, how)()
 
-    def _join_connections(self):
+    def _finish_connections(self):
+        """Stop reading from every client, let in-flight requests finish,
+        and wait for the connection threads."""
+        self._stopping = True
+        self._stop_connections()
+        grace = log.debug_flag("server.shutdown_grace",
+                               _SHUTDOWN_GRACE_SECONDS)
+        deadline = monotonic() + grace
+        aborted = False
         while True:
             with self._lock:
                 threads = list(self._threads)
             if not threads:
                 return
             for thread in threads:
-                thread.join()
+                thread.join(None if aborted
+                            else max(0.0, deadline - monotonic()))
+            if not aborted and monotonic() >= deadline:
+                log.warning("cutting off clients still busy after %d "
+                            "seconds", grace)
+                self._stop_connections("abort")
+                aborted = True
 
     # -- entry points --
     def serve_forever(self, listen_sockets):
@@ -757,13 +791,11 @@ class Server(object):
                         key.data._handle_request_noblock()
         finally:
             selector.close()
-            self._stopping = True
-            self._stop_connections()
-            self._join_connections()
+            self._finish_connections()
 
     def serve_connection(self, rfile_fd=0, wfile_fd=1):
         channel = _stdio_channel(rfile_fd, wfile_fd, self._stop_read)
-        connection = Connection(self, channel, "stdio")
+        connection = _Connection(self, channel, "stdio")
         done_read, done_write = os.pipe()
         try:
             def run():
@@ -771,16 +803,13 @@ class Server(object):
                     connection.run()
                 finally:
                     os.write(done_write, b"!")
-            thread = self._spawn(run)
-            while True:
+            self._spawn(run)
+            while not self._stopping:
                 ready, _, _ = select.select([self._stop_read, done_read],
                                             [], [], _SIGNAL_POLL_SECONDS)
                 if done_read in ready:
                     break
-                if self._stopping:
-                    connection.stop_reading()
-                    break
-            thread.join()
+            self._finish_connections()
         finally:
             os.close(done_read)
             os.close(done_write)
