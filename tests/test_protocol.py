@@ -736,3 +736,20 @@ def test_block_sizes_are_clamped_to_the_spec(size, given, expected):
 ])
 def test_host_errno_maps_to_nbd_errno(host, wire):
     assert nbd.nbd_errno(host) == wire
+
+
+def test_validation_of_random_requests_always_gives_an_nbd_errno():
+    rng = random.Random(99)
+    known = {0, nbd.NBD_EPERM, nbd.NBD_EINVAL, nbd.NBD_ENOSPC}
+    for _ in range(2000):
+        lim = limits(flags=rng.getrandbits(12) | nbd.TFLAG_HAS_FLAGS,
+                     size=rng.choice([0, 1, 4096, 1 << 40]),
+                     block=rng.choice([(1, 4096, 1 << 25),
+                                       (512, 4096, 65536)]),
+                     structured=rng.random() < 0.5,
+                     block_status=rng.random() < 0.5)
+        result = nbd.validate_request(
+            rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 8, 0xffff]),
+            rng.getrandbits(16), rng.getrandbits(64), rng.getrandbits(32),
+            lim)
+        assert result in known

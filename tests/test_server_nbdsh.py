@@ -315,3 +315,41 @@ print(json.dumps([h.get_size(), h.pread(8, 3 << 20).hex()]))
 """ % [sys.executable, rawserver.THIS, "--stdio", "--file",
        str(tmp_path / "disk")])
     assert result == [4 << 20, content[3 << 20:(3 << 20) + 8].hex()]
+
+
+def test_info_opens_and_closes_the_disk(raw_server):
+    server = raw_server("--ram", "4096")
+    nbdsh(opt_mode(server.uri) + "h.opt_info()\nh.opt_info()\nh.opt_abort()")
+    server.stop()
+    assert server.log().count("closed export") == 2
+
+
+def test_default_export_name_serves_clients_asking_for_none(raw_server):
+    server = raw_server("--ram", "4096", "--export", "named=the one",
+                        "--export-name", "named")
+    result = nbdsh_json(opt_mode(server.uri) + """
+h.set_full_info(True)
+h.opt_go()
+print(json.dumps([h.get_canonical_export_name(), h.get_size()]))
+""")
+    assert result == ["named", 4096]
+
+
+def test_engine_block_sizes_reach_the_client_and_are_enforced(raw_server):
+    server = raw_server("--ram", str(1 << 20), "--block-size",
+                        "512,4096,1048576")
+    result = nbdsh_json("""
+h.set_request_block_size(True)
+h.connect_uri(%r)
+h.set_strict_mode(0)
+sizes = [h.get_block_size(nbd.SIZE_MINIMUM),
+         h.get_block_size(nbd.SIZE_PREFERRED),
+         h.get_block_size(nbd.SIZE_MAXIMUM)]
+try:
+    h.pread(100, 0)
+    unaligned = "ok"
+except nbd.Error as e:
+    unaligned = e.errno
+print(json.dumps([sizes, unaligned, len(h.pread(512, 512))]))
+""" % server.uri)
+    assert result == [[512, 4096, 1 << 20], "EINVAL", 512]

@@ -75,6 +75,9 @@ def test_submit_blocks_when_the_queue_is_full():
             submitted.append(item)
     flooder = threading.Thread(target=flood)
     flooder.start()
+    deadline = time.time() + 10
+    while len(submitted) < 3 and time.time() < deadline:
+        time.sleep(0.01)
     time.sleep(0.2)
     # One running plus a queue of twice the pool size; the rest must wait.
     assert len(submitted) == 3
