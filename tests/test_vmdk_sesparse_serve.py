@@ -1,5 +1,7 @@
 """seSparse disks served end to end, read-only."""
 
+import json
+
 from conftest import need, run
 from vmdk_fixtures import (SESPARSE_GRAIN, build_sesparse, random_disk,
                            served_bytes, served_map, write_descriptor)
@@ -31,3 +33,34 @@ def test_serves_a_sesparse_disk(tmp_path, start_server):
     for grain in range(len(data) // SESPARSE_GRAIN):
         expected = "data" if states.get(grain) == "data" else "zero"
         assert kinds[grain] == expected, grain
+
+
+def test_serves_a_sesparse_snapshot_over_its_parent(tmp_path, start_server):
+    # Unallocated grains show the parent; zeroed and unmapped grains hide
+    # it; allocated grains hold the snapshot's data.
+    need("qemu-io")
+    size = 17 * MIB
+    base = tmp_path / "base.vmdk"
+    run(["qemu-img", "create", "-q", "-f", "vmdk", str(base), str(size)])
+    run(["qemu-io", "-f", "vmdk", "-c", "write -P 0x44 0 %d" % size,
+         str(base)])
+    info = json.loads(run(["qemu-img", "info", "--output=json",
+                           str(base)]).stdout)
+    base_cid = "%08x" % info["format-specific"]["data"]["cid"]
+    delta = bytearray(size)
+    delta[8 * SESPARSE_GRAIN:10 * SESPARSE_GRAIN] = b"\x55" * (
+        2 * SESPARSE_GRAIN)
+    build_sesparse(str(tmp_path / "snap-sesparse.vmdk"), bytes(delta),
+                   zero=[2], unmapped=[4100])
+    snap = tmp_path / "snap.vmdk"
+    write_descriptor(str(snap), "seSparse",
+                     ['RW %d SESPARSE "snap-sesparse.vmdk"' % (size // 512)],
+                     parent_hint="base.vmdk", parent_cid=base_cid)
+    expected = bytearray(b"\x44" * size)
+    expected[8 * SESPARSE_GRAIN:10 * SESPARSE_GRAIN] = delta[
+        8 * SESPARSE_GRAIN:10 * SESPARSE_GRAIN]
+    for grain in (2, 4100):
+        expected[grain * SESPARSE_GRAIN:(grain + 1) * SESPARSE_GRAIN] = bytes(
+            SESPARSE_GRAIN)
+    server = start_server("file=%s" % snap)
+    assert served_bytes(server, tmp_path) == bytes(expected)
