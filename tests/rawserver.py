@@ -47,6 +47,9 @@ def _import_vddktool():
 
 def build_backend(options):
     engine, log, server = _import_vddktool()
+    failing_reads = _parse_offsets(options.fail_read)
+    failing_writes = _parse_offsets(options.fail_write)
+    delays = _parse_delays(options.delay_read)
 
     class RawEngine(engine.Engine):
         """One open file or RAM buffer, with injected faults."""
@@ -106,8 +109,8 @@ def build_backend(options):
                         errno.EIO, "injected %s error at %d" % (what, bad))
 
         def pread(self, count, offset):
-            self._check(options_fail_read, count, offset, "read")
-            for at, seconds in options_delays.items():
+            self._check(failing_reads, count, offset, "read")
+            for at, seconds in delays.items():
                 if offset <= at < offset + count:
                     time.sleep(seconds)
             if self.ram is not None:
@@ -120,7 +123,7 @@ def build_backend(options):
             pieces = []
             for extent in self.extents(count, offset):
                 if extent.flags & engine.EXTENT_HOLE:
-                    self._check(options_fail_read, extent.length,
+                    self._check(failing_reads, extent.length,
                                 extent.offset, "read")
                     pieces.append((extent.offset, None))
                 else:
@@ -129,7 +132,7 @@ def build_backend(options):
             return pieces
 
         def pwrite(self, buf, offset, fua=False):
-            self._check(options_fail_write, len(buf), offset, "write")
+            self._check(failing_writes, len(buf), offset, "write")
             if self.ram is not None:
                 self.ram[offset:offset + len(buf)] = buf
             else:
@@ -195,9 +198,6 @@ def build_backend(options):
                 raise engine.EngineError(errno.ENOENT, "no such export")
             return RawEngine(self, export_name, readonly)
 
-    options_fail_read = _parse_offsets(options.fail_read)
-    options_fail_write = _parse_offsets(options.fail_write)
-    options_delays = _parse_delays(options.delay_read)
     return RawBackend()
 
 
