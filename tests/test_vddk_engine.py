@@ -205,6 +205,7 @@ def test_failed_open_is_an_error_and_disconnects(fake_vddk, backend_for):
     with pytest.raises(EngineError) as caught:
         backend.open("", False)
     assert "VixDiskLib_Open" in str(caught.value)
+    assert "run with -v" in str(caught.value)
     assert fake_vddk.call_names()[-1] == "Disconnect"
 
 

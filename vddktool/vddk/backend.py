@@ -17,8 +17,8 @@ from ..engine import (EXTENT_HOLE, EXTENT_ZERO, FUA_EMULATE, MAX_REQUEST_SIZE,
                       PARALLEL, Backend, Engine, EngineError, Extent,
                       UsageError)
 from . import abi
-from .library import (DEFAULT_LIBDIR, PREFIX, Library, find_library,
-                      loaded_path, require_library)
+from .library import (DEFAULT_LIBDIR, PREFIX, Library, VddkError,
+                      find_library, loaded_path, require_library)
 from .reexec import (reexec_if_needed, recover_secrets,
                      restore_caller_environment)
 from .stats import STATS, now
@@ -346,16 +346,23 @@ class VddkBackend(Backend):
     def open(self, export_name, readonly):
         path = self.path_for(export_name)
         readonly = bool(readonly or self.readonly)
-        with OPEN_CLOSE_LOCK:
-            connection = Connection(self.lib, self.params, readonly)
-            try:
-                handle = abi.HandlePtr()
-                self.lib.check("Open", connection.handle, _encode(path),
-                               self.open_flags(readonly),
-                               ctypes.byref(handle))
-            except Exception:
-                connection.close()
-                raise
+        try:
+            with OPEN_CLOSE_LOCK:
+                connection = Connection(self.lib, self.params, readonly)
+                try:
+                    handle = abi.HandlePtr()
+                    self.lib.check("Open", connection.handle, _encode(path),
+                                   self.open_flags(readonly),
+                                   ctypes.byref(handle))
+                except Exception:
+                    connection.close()
+                    raise
+        except VddkError as e:
+            if not log.verbose():
+                # VDDK's error codes say little ("Error 1"); the reason is
+                # usually in the messages it logged just before.
+                e.message += " (run with -v to see VDDK's own messages)"
+            raise
         engine = VddkEngine(self, connection, handle, readonly)
         try:
             engine.load_info()
