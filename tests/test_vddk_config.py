@@ -95,3 +95,11 @@ def test_create_refuses_an_existing_file(fake_vddk, tmp_path):
                  **{"create-size": 1024 * 1024}).config_complete()
     assert str(caught.value).startswith("file: ")
     assert "already exists" in str(caught.value)
+
+
+def test_failed_create_is_one_line_naming_the_file(fake_vddk, tmp_path):
+    target = str(tmp_path / "no-such-dir" / "new.vmdk")
+    line = fails_with(fake_vddk, tmp_path, target, "create=true",
+                      "create-size=1M")
+    assert line.startswith("vddktool: file: cannot create %s: " % target)
+    assert "VixDiskLib_Create" in line

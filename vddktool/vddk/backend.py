@@ -280,10 +280,10 @@ class VddkBackend(Backend):
         if not self.lib.has("QueryAllocatedBlocks"):
             log.debug("this VDDK has no VixDiskLib_QueryAllocatedBlocks: "
                       "extents are not available")
+        if self._get("create"):
+            self._create_disk_in_child()
 
-    def after_fork(self):
-        if self.lib is None:
-            self.get_ready()
+    def _init_library(self):
         secrets = [_secret_text(self._get(name))
                    for name in ("password", "cookie")]
         self.messages = abi.MessageRouter(secrets)
@@ -292,9 +292,40 @@ class VddkBackend(Backend):
                        self.messages.panic_func,
                        _encode(self._get("libdir") or DEFAULT_LIBDIR),
                        _encode(self._get("config")))
+
+    def after_fork(self):
+        if self.lib is None:
+            self.get_ready()
+        self._init_library()
         self.initialized = True
-        if self._get("create"):
-            self._create_disk()
+
+    def _create_disk_in_child(self):
+        """create=true, done before daemonizing so that a failure reaches
+        the terminal, yet in a throw-away child: this process must not
+        call InitEx before it forks (VDDK's threads would be lost)."""
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                os.close(read_fd)
+                self._init_library()
+                try:
+                    self._create_disk()
+                finally:
+                    self.lib.call("Exit")
+                status = 0
+            except BaseException as e:
+                os.write(write_fd, str(e).encode("utf-8", "replace"))
+            finally:
+                os._exit(status)
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            message = pipe.read().decode("utf-8", "replace")
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            raise UsageError(message or "file: cannot create %s (see the "
+                             "messages above)" % self._get("file"))
 
     def _create_disk(self):
         create = abi.CreateParams()
@@ -311,6 +342,10 @@ class VddkBackend(Backend):
         connection = Connection(self.lib, {}, readonly=False)
         try:
             connection.create_disk(self._get("file"), create)
+        except VddkError as e:
+            raise UsageError("file: cannot create %s: %s (check that its "
+                             "directory exists and is writable)"
+                             % (self._get("file"), e))
         finally:
             connection.close()
         log.debug("created %s", self._get("file"))
