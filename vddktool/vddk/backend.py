@@ -1,10 +1,10 @@
 """The VDDK engine: serves local or remote VMware disks through libvixDiskLib.
 
 Order of events (see engine.Backend): config_complete checks the parameters
-and finds the library; get_ready re-executes with LD_LIBRARY_PATH if needed
-and loads it; after_fork calls InitEx (VDDK's threads would not survive the
-daemonizing fork) and creates the disk for create=true; open connects and
-opens the disk once per NBD connection.
+and finds the library; get_ready re-executes with LD_LIBRARY_PATH if needed,
+loads it and, for create=true, creates the disk in a short-lived child;
+after_fork calls InitEx (VDDK's threads would not survive the daemonizing
+fork); open connects and opens the disk once per NBD connection.
 """
 
 import ctypes
