@@ -224,8 +224,8 @@ def parse_args(argv):
     parser.add_argument("--serialize", action="store_true")
     parser.add_argument("--tls", default="off")
     parser.add_argument("--verbose", action="store_true")
-    parser.add_argument("--shutdown-grace", type=int,
-                        help="sets -D server.shutdown_grace")
+    parser.add_argument("--shutdown-grace", type=float,
+                        help="seconds before shutdown cuts clients off")
     return parser.parse_args(argv)
 
 
@@ -253,13 +253,13 @@ def main(argv):
     options = parse_args(argv)
     engine, log, server = _import_vddktool()
     log.configure(verbose=options.verbose)
-    if options.shutdown_grace is not None:
-        log.set_debug_flag("server.shutdown_grace", options.shutdown_grace)
     backend = build_backend(options)
     settings = server.ServerSettings(
         readonly=options.readonly, export_name=options.export_name,
         threads=options.threads, tls=options.tls)
     nbd_server = server.Server(backend, settings)
+    if options.shutdown_grace is not None:
+        nbd_server.shutdown_grace = options.shutdown_grace
     signal.signal(signal.SIGTERM, lambda signum, frame: nbd_server.shutdown())
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     if options.stdio:

@@ -36,11 +36,6 @@ _MAX_IOVECS = 512
 # before another worker is woken for them (see _WorkerPool).
 _WORKER_PATIENCE_SECONDS = 0.005
 
-# How long shutdown waits for connections to finish their requests before
-# cutting their sockets (a client that never reads its replies would block
-# our sends forever).  -D server.shutdown_grace=SECONDS overrides it.
-_SHUTDOWN_GRACE_SECONDS = 10
-
 # How long the main thread may sleep in select().  The kernel may deliver
 # SIGTERM to any thread; Python then runs the handler only when the main
 # thread next runs bytecode, so it must wake now and then to let it.
@@ -696,6 +691,11 @@ def _listener_for(sock):
 class Server(object):
     """Serves one Backend on listening sockets or on stdin/stdout."""
 
+    # How long shutdown waits for connections to finish their requests
+    # before cutting their sockets: a client that never reads its replies
+    # would otherwise block our sends, and the shutdown, forever.
+    shutdown_grace = 10.0
+
     def __init__(self, backend, settings):
         self.backend = backend
         self.settings = settings
@@ -756,8 +756,7 @@ class Server(object):
         and wait for the connection threads."""
         self._stopping = True
         self._stop_connections()
-        grace = log.debug_flag("server.shutdown_grace",
-                               _SHUTDOWN_GRACE_SECONDS)
+        grace = self.shutdown_grace
         deadline = monotonic() + grace
         aborted = False
         while True:
@@ -769,7 +768,7 @@ class Server(object):
                 thread.join(None if aborted
                             else max(0.0, deadline - monotonic()))
             if not aborted and monotonic() >= deadline:
-                log.warning("cutting off clients still busy after %d "
+                log.warning("cutting off clients still busy after %g "
                             "seconds", grace)
                 self._stop_connections("abort")
                 aborted = True
