@@ -147,7 +147,8 @@ def test_every_parameter_has_a_summary_and_metavar():
         assert p.summary and p.metavar, p.name
 
 
-def test_remote_is_told_by_server_or_export():
+def test_remote_is_told_by_any_remote_parameter():
     assert params.is_remote({"server": "esxi"})
     assert params.is_remote({"export": "*"})
-    assert not params.is_remote({"file": "/x.vmdk"})
+    assert params.is_remote({"user": "root", "file": "[ds] a/a.vmdk"})
+    assert not params.is_remote({"file": "/x.vmdk", "transports": "file"})

@@ -269,9 +269,10 @@ BY_NAME = dict((p.name, p) for p in PARAMS)
 # The first bare word on the command line (no '=') is file=.
 MAGIC_PARAM = "file"
 
+# Any of these makes the disk remote (compression and transports also
+# apply to VDDK's local "file" transport, so they do not).
 REMOTE_PARAMS = ("server", "thumbprint", "user", "password", "cookie", "vm",
-                 "snapshot", "port", "nfchostport", "compression",
-                 "transports", "export")
+                 "snapshot", "port", "nfchostport", "export")
 
 
 def defaults():
@@ -293,4 +294,4 @@ def parse_assignment(name, text):
 
 def is_remote(values):
     """True when the parameters describe a remote (ESXi/vCenter) disk."""
-    return values.get("server") is not None or values.get("export") is not None
+    return any(values.get(name) is not None for name in REMOTE_PARAMS)

@@ -29,9 +29,6 @@ API_MAJOR, API_MINOR = 6, 7
 
 # Any of these makes the disk remote (and then the required ones must all
 # be there).
-REMOTE_ONLY_PARAMS = ("server", "thumbprint", "user", "password", "cookie",
-                      "vm", "snapshot", "port", "nfchostport", "export")
-
 # What a remote connection cannot do without, in the order we ask for them.
 REQUIRED_REMOTE = (
     ("server", "server=HOSTNAME"),
@@ -220,7 +217,7 @@ class VddkBackend(Backend):
         return self.params.get(name)
 
     def is_remote(self):
-        return any(self._get(name) is not None for name in REMOTE_ONLY_PARAMS)
+        return paramtable.is_remote(self.params)
 
     def config_complete(self):
         recover_secrets(self.params)
