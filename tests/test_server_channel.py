@@ -134,3 +134,35 @@ def test_stdio_on_pipes_uses_the_pipe_channel():
     finally:
         os.close(read_fd)
         os.close(write_fd)
+
+
+def test_buffered_reads_split_a_burst_exactly():
+    left, right = socket.socketpair()
+    try:
+        burst = os.urandom(28 * 3) + os.urandom(40000) + os.urandom(10)
+        sender = threading.Thread(target=left.sendall, args=(burst,))
+        sender.start()
+        channel = _SocketChannel(right)
+        out = []
+        for size in (28, 28, 28, 40000, 10):
+            view = memoryview(bytearray(size))
+            assert channel.read_into(view)
+            out.append(view.tobytes())
+        sender.join()
+        assert b"".join(out) == burst
+        left.close()
+        assert not channel.read_into(memoryview(bytearray(1)))
+    finally:
+        left.close()
+        right.close()
+
+
+def test_end_of_stream_inside_a_buffered_read():
+    left, right = socket.socketpair()
+    left.sendall(b"x" * 20)
+    left.close()
+    try:
+        assert not _SocketChannel(right).read_into(
+            memoryview(bytearray(28)))
+    finally:
+        right.close()
