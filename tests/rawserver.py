@@ -131,7 +131,12 @@ def build_backend(options):
                                    self.pread(extent.length, extent.offset)))
             return pieces
 
+        def _note(self, fmt, *args):
+            if options.log_calls:
+                log.warning("call: " + fmt, *args)
+
         def pwrite(self, buf, offset, fua=False):
+            self._note("pwrite %d %d fua=%s", len(buf), offset, fua)
             self._check(failing_writes, len(buf), offset, "write")
             if self.ram is not None:
                 self.ram[offset:offset + len(buf)] = buf
@@ -141,12 +146,29 @@ def build_backend(options):
                 self.flush()
 
         def flush(self):
+            self._note("flush")
             self.flushes += 1
             if self.fd is not None:
                 os.fdatasync(self.fd)
 
         def trim(self, count, offset, fua=False):
-            self.zero(count, offset, True, fua)
+            self._note("trim %d %d fua=%s", count, offset, fua)
+            self._fill_zeros(count, offset)
+            if fua:
+                self.flush()
+
+        def zero(self, count, offset, may_trim=False, fua=False):
+            self._note("zero %d %d may_trim=%s fua=%s", count, offset,
+                       may_trim, fua)
+            self._fill_zeros(count, offset)
+            if fua:
+                self.flush()
+
+        def _fill_zeros(self, count, offset):
+            if self.ram is not None:
+                self.ram[offset:offset + count] = bytes(count)
+            else:
+                os.pwrite(self.fd, bytes(count), offset)
 
         def extents(self, count, offset, req_one=False):
             if self.fd is None:
@@ -221,6 +243,8 @@ def parse_args(argv):
     parser.add_argument("--block-size", help="MIN,PREFERRED,MAX")
     parser.add_argument("--fast-zero", action="store_true")
     parser.add_argument("--native-fua", action="store_true")
+    parser.add_argument("--log-calls", action="store_true",
+                        help="log every write, zero, trim and flush call")
     parser.add_argument("--serialize", action="store_true")
     parser.add_argument("--tls", default="off")
     parser.add_argument("--verbose", action="store_true")

@@ -353,3 +353,41 @@ except nbd.Error as e:
 print(json.dumps([sizes, unaligned, len(h.pread(512, 512))]))
 """ % server.uri)
     assert result == [[512, 4096, 1 << 20], "EINVAL", 512]
+
+
+def engine_calls(server):
+    server.stop()
+    return [line.split("call: ", 1)[1] for line in server.log().splitlines()
+            if "call: " in line]
+
+
+WRITE_WITH_FUA = """
+h.connect_uri(%r)
+h.pwrite(b"x" * 512, 0, nbd.CMD_FLAG_FUA)
+h.zero(512, 512, nbd.CMD_FLAG_FUA)
+"""
+
+
+def test_native_fua_goes_to_the_engine(raw_server):
+    server = raw_server("--ram", "4096", "--native-fua", "--log-calls")
+    nbdsh(WRITE_WITH_FUA % server.uri)
+    assert engine_calls(server) == [
+        "pwrite 512 0 fua=True", "flush",
+        "zero 512 512 may_trim=True fua=True", "flush"]
+
+
+def test_emulated_fua_is_a_plain_write_then_a_flush(raw_server):
+    server = raw_server("--ram", "4096", "--log-calls")
+    nbdsh(WRITE_WITH_FUA % server.uri)
+    assert engine_calls(server) == [
+        "pwrite 512 0 fua=False", "flush",
+        "zero 512 512 may_trim=True fua=False", "flush"]
+
+
+def test_no_hole_zero_forbids_trimming_and_trim_reaches_the_engine(
+        raw_server):
+    server = raw_server("--ram", "4096", "--log-calls")
+    nbdsh("h.connect_uri(%r)\nh.zero(512, 0, nbd.CMD_FLAG_NO_HOLE)\n"
+          "h.trim(512, 1024)" % server.uri)
+    assert engine_calls(server) == ["zero 512 0 may_trim=False fua=False",
+                                    "trim 512 1024 fua=False"]
