@@ -142,3 +142,11 @@ def test_qemu_io_read_pattern_mismatch_is_reported(raw_server):
     out = run([need("qemu-io"), "-f", "raw", "-r", "-c",
                "read -P 0x11 0 4k", server.qemu_uri], check=False)
     assert "Pattern verification failed" in out.stdout + out.stderr
+
+
+def test_map_without_engine_extents_is_all_data(raw_server, tmp_path):
+    make_disk(str(tmp_path / "disk"))
+    server = raw_server("--file", str(tmp_path / "disk"))
+    out = run([need("nbdinfo"), "--map", server.uri]).stdout
+    assert [line.split()[:3] for line in out.splitlines()] == [
+        ["0", str(4 << 20), "0"]]
