@@ -259,8 +259,8 @@ def test_create_is_local_only():
 def test_remote_file_name_is_not_a_local_path():
     """'[datastore] dir/name.vmdk' is relative-looking but remote: the
     path checks must not reject it (whatever the backend says next)."""
-    cli.check_disk(dict(params.defaults(), file="[ds1] vm/vm.vmdk",
-                        server="esx.example.com"))
+    params.check_disk(dict(params.defaults(), file="[ds1] vm/vm.vmdk",
+                           server="esx.example.com"))
 
 
 def test_file_name_with_equals_sign_is_the_magic_parameter():
@@ -270,7 +270,7 @@ def test_file_name_with_equals_sign_is_the_magic_parameter():
 
 def test_plugin_word_is_only_skipped_first():
     with pytest.raises(UsageError):
-        cli.check_disk(cli.parse_command_line(["vddk", "vddk"]).values)
+        params.check_disk(cli.parse_command_line(["vddk", "vddk"]).values)
 
 
 def test_backend_native_with_a_remote_disk_is_refused():

@@ -43,9 +43,9 @@ def served(image):
 
 @pytest.mark.parametrize("values,start", [
     ({}, "file: no disk"),
-    ({"file": "rel/x.vmdk"}, "file: rel/x.vmdk is not an absolute path"),
+    ({"file": "rel/x.vmdk"}, "file: 'rel/x.vmdk' is a relative path"),
     ({"file": "/nonexistent/x.vmdk"}, "file: /nonexistent/x.vmdk does not"),
-    ({"file": "/", "create": True}, "create-size: required"),
+    ({"file": "/nonexistent.vmdk", "create": True}, "create-size: needed"),
     ({"file": "/tmp", "create": False}, "file: /tmp is a directory"),
 ])
 def test_parameter_mistakes_are_one_line_naming_the_parameter(values, start):

@@ -295,36 +295,6 @@ def check_options(options, activated):
                                  "are given; drop %s)" % (name, name))
 
 
-def check_disk(values):
-    """What can be said about file= before any engine is loaded."""
-    if params.is_remote(values):
-        if values["create"]:
-            raise UsageError("create: only local files can be created (drop "
-                             "create=true, or drop server= and export=)")
-        return
-    path = values["file"]
-    if path is None:
-        raise UsageError("file: no disk given (name the VMDK by its absolute "
-                         "path, for example /var/tmp/disk.vmdk)")
-    if not os.path.isabs(path):
-        raise UsageError("file: %r is a relative path (local disks need an "
-                         "absolute path, such as %s)"
-                         % (path, os.path.abspath(path)))
-    exists = os.path.lexists(path)
-    if values["create"]:
-        if exists:
-            raise UsageError("file: %s already exists and create=true never "
-                             "overwrites (remove it, or drop create=true to "
-                             "serve it)" % path)
-        if values["create-size"] is None:
-            raise UsageError("create-size: needed with create=true (add "
-                             "create-size=SIZE, for example create-size=1G)")
-    elif not exists:
-        raise UsageError("file: %s does not exist (check the path, or add "
-                         "create=true create-size=SIZE to make a new disk)"
-                         % path)
-
-
 # ---------------------------------------------------------------------------
 # --help, --version, --dump-plugin
 
@@ -467,7 +437,7 @@ def _fail(message):
 def run_server(options):
     activated = lifecycle.activated_fds()
     check_options(options, activated)
-    check_disk(options.values)
+    params.check_disk(options.values)
 
     backend = choose_backend(options.values)(options.values,
                                              options.readonly)

@@ -295,3 +295,38 @@ def parse_assignment(name, text):
 def is_remote(values):
     """True when the parameters describe a remote (ESXi/vCenter) disk."""
     return any(values.get(name) is not None for name in REMOTE_PARAMS)
+
+
+def check_disk(values):
+    """The checks of file= and create= that hold whichever engine serves
+    the disk; the CLI runs them before an engine is chosen, and each
+    backend again, since backends are also built without the CLI."""
+    if is_remote(values):
+        if values.get("create"):
+            raise UsageError("create: only local files can be created (drop "
+                             "create=true, or drop the remote parameters)")
+        return
+    path = values.get("file")
+    if path is None:
+        raise UsageError("file: no disk given (name the VMDK by its absolute "
+                         "path, for example /var/tmp/disk.vmdk)")
+    if not os.path.isabs(path):
+        raise UsageError("file: %r is a relative path (local disks need an "
+                         "absolute path, such as %s)"
+                         % (path, os.path.abspath(path)))
+    exists = os.path.lexists(path)
+    if values.get("create"):
+        if exists:
+            raise UsageError("file: %s already exists and create=true never "
+                             "overwrites (remove it, or drop create=true to "
+                             "serve it)" % path)
+        if values.get("create-size") is None:
+            raise UsageError("create-size: needed with create=true (add "
+                             "create-size=SIZE, for example create-size=1G)")
+    elif not exists:
+        raise UsageError("file: %s does not exist (check the path, or add "
+                         "create=true create-size=SIZE to make a new disk)"
+                         % path)
+    elif os.path.isdir(path):
+        raise UsageError("file: %s is a directory (name the .vmdk "
+                         "descriptor file)" % path)

@@ -226,10 +226,9 @@ class VddkBackend(Backend):
             raise UsageError(
                 "export: cannot be combined with file= (serve one disk with "
                 "file=, or let clients choose with export=WILDCARD)")
+        paramtable.check_disk(self.params)
         if self.is_remote():
             self._check_remote(file_name, export)
-        else:
-            self._check_local(file_name)
         self.library_path, self.major = require_library(self._get("libdir"))
 
     def _check_remote(self, file_name, export):
@@ -244,26 +243,6 @@ class VddkBackend(Backend):
             raise UsageError(
                 "file: a remote disk needs a file name (add "
                 "file='[datastore] dir/name.vmdk' or export=WILDCARD)")
-        if self._get("create"):
-            raise UsageError("create: only local disks can be created "
-                             "(drop create=true, or the remote parameters)")
-
-    def _check_local(self, file_name):
-        if file_name is None:
-            raise UsageError("file: is required (add "
-                             "file=/absolute/path/to/disk.vmdk)")
-        if not os.path.isabs(file_name):
-            raise UsageError("file: %r is not an absolute path (local disks "
-                             "need one, such as %s)"
-                             % (file_name, os.path.abspath(file_name)))
-        if self._get("create"):
-            if self._get("create-size") is None:
-                raise UsageError("create-size: is required with create=true "
-                                 "(add create-size=SIZE, such as 1G)")
-            if os.path.lexists(file_name):
-                raise UsageError("file: %s already exists (create=true makes "
-                                 "a new disk: remove it or drop create=true)"
-                                 % file_name)
 
     def get_ready(self):
         if self.library_path is None:

@@ -6,10 +6,10 @@ sparse allocation is serialized by the disk's lock.
 """
 
 import errno
-import os
 import threading
 
 from .. import log
+from ..params import check_disk
 from ..engine import (CACHE_EMULATE, MAX_REQUEST_SIZE, Backend, Engine,
                       EngineError, EXTENT_HOLE, EXTENT_ZERO, Extent,
                       UsageError)
@@ -147,23 +147,9 @@ class NativeBackend(Backend):
         return self.params.get("file")
 
     def config_complete(self):
-        path = self.path
-        if not path:
-            raise UsageError("file: no disk was given (add "
-                             "file=/absolute/path/to/disk.vmdk)")
-        if not os.path.isabs(path):
-            raise UsageError("file: %s is not an absolute path (local disks "
-                             "need one, such as %s)"
-                             % (path, os.path.abspath(path)))
+        check_disk(self.params)
         if self.params.get("create"):
             self._check_create()
-        elif not os.path.exists(path):
-            raise UsageError("file: %s does not exist (check the path, or "
-                             "add create=true create-size=SIZE to make a "
-                             "new disk)" % path)
-        elif os.path.isdir(path):
-            raise UsageError("file: %s is a directory (name the .vmdk "
-                             "descriptor file)" % path)
 
     def _check_create(self):
         from .create import check_create
