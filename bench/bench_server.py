@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""vddktool's data path against `nbdkit file` and qemu-nbd, with nbdcopy.
+
+For one disk of mixed data (random, repeated and zero runs) it times
+three workloads, each server serving the same bytes:
+
+  flat-read    nbdcopy URI null:  vddktool on a monolithicFlat VMDK,
+               nbdkit file on its flat extent, qemu-nbd on the VMDK
+  sparse-read  nbdcopy URI null:  vddktool and qemu-nbd on a
+               monolithicSparse VMDK, nbdkit file on a sparse raw file
+               (nbdkit has no VMDK reader: the file plugin is the bar)
+  write        nbdcopy SOURCE URI into a preallocated flat extent
+               (vddktool: flat VMDK, nbdkit and qemu-nbd: raw file)
+
+All servers of a workload run at once; the runs are interleaved (server
+A, B, C, then A, B, C again...) so a noisy neighbour hurts all alike, and
+the page cache is warm for every server.  Prints the median throughput
+and vddktool's ratio to each other server: above 1.0, vddktool is faster.
+
+    python3 bench/bench_server.py [--size MiB] [--runs N] [--python EXE]
+                                  [--only flat-read,sparse-read,write]
+"""
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MiB = 1024 * 1024
+CLIENT_ENV = dict(os.environ, PATH="/usr/bin:/bin:" + os.environ["PATH"])
+WORKLOADS = ("flat-read", "sparse-read", "write")
+
+
+def make_source(path, size_mib, sparse):
+    """Two thirds data, one third zeros (holes when ``sparse``)."""
+    chunk = os.urandom(MiB)
+    with open(path, "wb") as f:
+        for i in range(size_mib):
+            if i % 3 == 2:
+                if sparse:
+                    f.seek(MiB, os.SEEK_CUR)
+                else:
+                    f.write(bytes(MiB))
+            else:
+                f.write(chunk[i:] + chunk[:i])
+        f.truncate(size_mib * MiB)
+
+
+def convert(source, target, subformat):
+    subprocess.check_call(["qemu-img", "convert", "-O", "vmdk", "-o",
+                           "subformat=" + subformat, source, target],
+                          env=CLIENT_ENV)
+
+
+def preallocate(path, size_mib):
+    with open(path, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, size_mib * MiB)
+
+
+class Served(object):
+    """A server on a Unix socket, stopped by stop()."""
+
+    def __init__(self, name, argv, sock):
+        self.name = name
+        self.sock = sock
+        self.uri = "nbd+unix:///?socket=" + sock
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL,
+                                     env=CLIENT_ENV, cwd=ROOT)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise SystemExit("%s did not start: %r" % (name, argv))
+            time.sleep(0.05)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+
+
+def timed(argv):
+    start = time.monotonic()
+    subprocess.check_call(argv, env=CLIENT_ENV)
+    return time.monotonic() - start
+
+
+class Bench(object):
+    def __init__(self, work, size_mib, python):
+        self.work = work
+        self.size = size_mib
+        self.python = python
+        self.raw = self.path("source.raw")
+        self.sparse_raw = self.path("sparse.raw")
+        make_source(self.raw, size_mib, sparse=False)
+        make_source(self.sparse_raw, size_mib, sparse=True)
+        self.flat = self.path("flat.vmdk")
+        self.sparse = self.path("sparse.vmdk")
+        convert(self.raw, self.flat, "monolithicFlat")
+        convert(self.raw, self.sparse, "monolithicSparse")
+        self._sockets = 0
+
+    def path(self, name):
+        return os.path.join(self.work, name)
+
+    def sock(self):
+        self._sockets += 1
+        return self.path("nbd%d.sock" % self._sockets)
+
+    def vddktool(self, *args):
+        sock = self.sock()
+        return Served("vddktool", [self.python, "-m", "vddktool", "-f",
+                                   "-U", sock] + list(args), sock)
+
+    def nbdkit(self, *args):
+        sock = self.sock()
+        return Served("nbdkit file", ["nbdkit", "-f", "-U", sock]
+                      + list(args), sock)
+
+    def qemu_nbd(self, *args):
+        sock = self.sock()
+        return Served("qemu-nbd", ["qemu-nbd", "-t", "-e", "16", "-k", sock]
+                      + list(args), sock)
+
+    def servers(self, workload):
+        if workload == "flat-read":
+            return [self.vddktool("-r", "file=" + self.flat),
+                    self.nbdkit("-r", "file", self.path("flat-flat.vmdk")),
+                    self.qemu_nbd("-r", "-f", "vmdk", self.flat)]
+        if workload == "sparse-read":
+            return [self.vddktool("-r", "file=" + self.sparse),
+                    self.nbdkit("-r", "file", self.sparse_raw),
+                    self.qemu_nbd("-r", "-f", "vmdk", self.sparse)]
+        target = self.path("write.vmdk")
+        convert(self.raw, target, "monolithicFlat")
+        for name in ("write-flat.vmdk", "write-nbdkit.raw", "write-qemu.raw"):
+            preallocate(self.path(name), self.size)
+        return [self.vddktool("file=" + target),
+                self.nbdkit("file", self.path("write-nbdkit.raw")),
+                self.qemu_nbd("-f", "raw", "--cache=writeback",
+                              self.path("write-qemu.raw"))]
+
+    def command(self, workload, uri):
+        if workload == "write":
+            return ["nbdcopy", self.raw, uri]
+        return ["nbdcopy", uri, "null:"]
+
+    def run(self, workload, runs):
+        servers = self.servers(workload)
+        try:
+            times = dict((s.name, []) for s in servers)
+            for s in servers:
+                timed(self.command(workload, s.uri))  # warm up
+            for _ in range(runs):
+                for s in servers:
+                    times[s.name].append(timed(self.command(workload,
+                                                            s.uri)))
+        finally:
+            for s in servers:
+                s.stop()
+        return dict((name, self.size / statistics.median(t))
+                    for name, t in times.items())
+
+
+def report(workload, rates):
+    ours = rates["vddktool"]
+    line = ["%-11s vddktool %6.0f MiB/s" % (workload, ours)]
+    for name, rate in rates.items():
+        if name != "vddktool":
+            line.append("%s %6.0f MiB/s (ratio %.2f)"
+                        % (name, rate, ours / rate))
+    print("   ".join(line), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=1024, help="MiB")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter that runs vddktool")
+    parser.add_argument("--only", default=",".join(WORKLOADS),
+                        help="comma-separated workloads")
+    parser.add_argument("--dir", default=None,
+                        help="where to put the images (default: a temp dir)")
+    args = parser.parse_args()
+    workloads = args.only.split(",")
+    unknown = set(workloads) - set(WORKLOADS)
+    if unknown:
+        parser.error("unknown workload %s (choose from %s)"
+                     % (", ".join(sorted(unknown)), ", ".join(WORKLOADS)))
+    work = tempfile.mkdtemp(prefix="bench-server-", dir=args.dir)
+    try:
+        bench = Bench(work, args.size, args.python)
+        print("disk: %d MiB, nbdcopy, median of %d interleaved runs, "
+              "vddktool on %s" % (args.size, args.runs, args.python))
+        for workload in workloads:
+            report(workload, bench.run(workload, args.runs))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
