@@ -26,8 +26,8 @@ from .. import log
 from . import descriptor as descriptor_mod
 from .create import disk_database
 from .extent import DATA, UNALLOCATED, VmdkError
-from .grains import (SECTOR, GrainTableExtent, TableCache, pack_le_array,
-                     read_exact, unpack_le_array)
+from .grains import (SECTOR, GrainTableExtent, pack_le_array, read_exact,
+                     unpack_le_array)
 
 MAGIC = b"COWD"
 VERSION = 1
@@ -63,19 +63,14 @@ class CowdExtent(GrainTableExtent):
     backing = None
 
     def __init__(self, path, size_bytes, writable=False):
-        self.path = path
-        self.size = size_bytes
-        self.writable = bool(writable)
         self._lock = threading.Lock()
-        self.fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
-        try:
-            self._open()
-            if self.writable:
+        super().__init__(path, size_bytes, writable)
+        if self.writable:
+            try:
                 self._set_unclean(1)
-        except BaseException:
-            super().close()
-            raise
-        self._tables = TableCache()
+            except BaseException:
+                GrainTableExtent.close(self)
+                raise
 
     def _open(self):
         path = self.path

@@ -89,6 +89,22 @@ class GrainTableExtent(ExtentReader):
     #: True when a DATA grain is not raw bytes at a file offset
     compressed = False
 
+    def __init__(self, path, size_bytes, writable=False):
+        self.path = path
+        self.size = size_bytes
+        self.writable = bool(writable)
+        self.fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        self._tables = TableCache()
+        try:
+            self._open()
+        except BaseException:
+            GrainTableExtent.close(self)
+            raise
+
+    def _open(self):
+        """Read and check the headers; raise VmdkError naming the file."""
+        raise NotImplementedError
+
     @property
     def grain_bytes(self):
         """The grain in bytes, under the name the disk layer reads to

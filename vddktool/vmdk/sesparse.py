@@ -12,12 +12,10 @@ uint64 entries whose top nibble says what the grain is: 0 unallocated,
 with the grain's index split over the rest of the entry.
 """
 
-import os
 import struct
 
 from .extent import DATA, UNALLOCATED, ZERO, VmdkError
-from .grains import (SECTOR, GrainTableExtent, TableCache, read_exact,
-                     unpack_le_array)
+from .grains import SECTOR, GrainTableExtent, read_exact, unpack_le_array
 
 CONST_MAGIC = 0xCAFEBABE
 VOLATILE_MAGIC = 0xCAFECAFE
@@ -48,15 +46,8 @@ class SeSparseExtent(GrainTableExtent):
     writable = False
 
     def __init__(self, path, size_bytes, writable=False):
-        self.path = path
-        self.size = size_bytes
-        self.fd = os.open(path, os.O_RDONLY)
-        try:
-            self._open()
-        except BaseException:
-            self.close()
-            raise
-        self._tables = TableCache()
+        # Read-only whatever is asked: writes are refused by the disk.
+        super().__init__(path, size_bytes, False)
 
     def _open(self):
         path = self.path

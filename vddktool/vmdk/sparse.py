@@ -10,10 +10,10 @@ that can allocate.
 import array
 import os
 import struct
-import sys
 
 from .extent import DATA, UNALLOCATED, ZERO, ExtentReader, VmdkError
 from .flat import SECTOR, pwrite_all, file_size, open_file, pread_exact
+from .grains import unpack_le_array
 
 MAGIC = b"KDMV"
 
@@ -117,23 +117,6 @@ def read_embedded_descriptor(fd, header, path):
                        header.descriptor_offset * SECTOR, path)
 
 
-def _load_uint32s(data):
-    table = array.array("I")
-    if table.itemsize != 4:
-        table = array.array("L")
-    table.frombytes(data)
-    if sys.byteorder != "little":
-        table.byteswap()
-    return table
-
-
-def _uint32s_bytes(table):
-    if sys.byteorder != "little":
-        table = array.array(table.typecode, table)
-        table.byteswap()
-    return table.tobytes()
-
-
 class SparseExtent(ExtentReader):
     """One hosted sparse extent of ``size`` bytes."""
 
@@ -207,8 +190,8 @@ class SparseExtent(ExtentReader):
             raise VmdkError("%s: truncated or damaged: the %s (%d entries at "
                             "sector %d) lies beyond the end of the file"
                             % (self.path, what, count, sector))
-        table = _load_uint32s(pread_exact(self.fd, count * 4, start,
-                                          self.path))
+        table = unpack_le_array(
+            "I", pread_exact(self.fd, count * 4, start, self.path))
         limit = self.file_bytes // SECTOR
         for index, entry in enumerate(table):
             if entry and entry + self.gt_sectors > limit:
@@ -221,7 +204,7 @@ class SparseExtent(ExtentReader):
     def _table(self, gt_sector):
         table = self._gt_cache.get(gt_sector)
         if table is None:
-            table = _load_uint32s(pread_exact(
+            table = unpack_le_array("I", pread_exact(
                 self.fd, self.gt_bytes, gt_sector * SECTOR, self.path))
             if len(self._gt_cache) >= GT_CACHE_LIMIT:
                 self._gt_cache.clear()

@@ -142,16 +142,9 @@ class StreamExtent(GrainTableExtent):
     DECODED_CACHE_GRAINS = 32
 
     def __init__(self, path, size_bytes, writable=False):
-        self.path = path
-        self.size = size_bytes
-        self.fd = os.open(path, os.O_RDONLY)
-        try:
-            self._open()
-        except BaseException:
-            self.close()
-            raise
-        self._tables = TableCache()
         self._decoded = TableCache(self.DECODED_CACHE_GRAINS)
+        # Read-only whatever is asked: streams are written once, in order.
+        super().__init__(path, size_bytes, False)
 
     def _open(self):
         path = self.path
