@@ -444,15 +444,20 @@ def run_server(options):
     backend.config_complete()
     # May re-exec this process: the activation variables must survive it.
     backend.get_ready()
-    if activated:
-        lifecycle.forget_activation()
-
-    listeners = open_listeners(options, activated)
+    # From here on the backend may hold a created or open disk: whatever
+    # fails next (a port in use, an unwritable pidfile), it must be closed
+    # cleanly, or a sparse disk is left marked as not shut down.
     try:
-        return _serve(options, backend, listeners)
+        if activated:
+            lifecycle.forget_activation()
+        listeners = open_listeners(options, activated)
+        try:
+            return _serve(options, backend, listeners)
+        finally:
+            if listeners:
+                listeners.close()
     finally:
-        if listeners:
-            listeners.close()
+        _cleanup(backend)
 
 
 def open_listeners(options, activated):
@@ -490,11 +495,7 @@ def _serve(options, backend, listeners):
     if options.exit_with_parent:
         lifecycle.exit_with_parent(stopper.stop)
 
-    try:
-        backend.after_fork()
-    except BaseException:
-        _cleanup(backend)
-        raise
+    backend.after_fork()
     status = 0
     try:
         server = Server(backend, settings)
@@ -525,7 +526,6 @@ def _serve(options, backend, listeners):
             log.debug("%s", traceback.format_exc())
         stopper.stop()
         status = 1
-    _cleanup(backend)
     return status
 
 
