@@ -18,6 +18,7 @@ client sees.
 """
 
 import errno
+import os
 import threading
 
 # Largest request the server accepts: nbdkit's limit.  The NBD reference
@@ -67,6 +68,51 @@ class Extent(object):
 
     def __repr__(self):
         return "Extent(%d, %d, %d)" % (self.offset, self.length, self.flags)
+
+
+class FileRange(object):
+    """A piece of ``pread_sparse`` still in a file: ``length`` bytes at
+    ``offset`` of the open descriptor ``fd``.
+
+    The server sends it to a socket with sendfile(2), so the data never
+    passes through Python; a piece of a reply cannot be taken back, so the
+    engine checks the range lies inside the file before returning it, and
+    keeps ``fd`` open while the connection lasts.  ``read()`` gives the
+    bytes to whoever needs them (pipes, filters, tests).
+    """
+
+    __slots__ = ("fd", "offset", "length")
+
+    def __init__(self, fd, offset, length):
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+
+    def __len__(self):
+        return self.length
+
+    def __repr__(self):
+        return "FileRange(%d, %d, %d)" % (self.fd, self.offset, self.length)
+
+    def read(self):
+        data = os.pread(self.fd, self.length, self.offset)
+        if len(data) == self.length:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < self.length:
+            more = os.pread(self.fd, self.length - got, self.offset + got)
+            if not more:
+                raise EngineError(errno.EIO, "the file ends %d bytes short "
+                                  "of a read" % (self.length - got))
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+
+def in_memory(data):
+    """A piece's data as a bytes-like object, reading a FileRange."""
+    return data.read() if type(data) is FileRange else data
 
 
 def errno_of(exc):
@@ -136,8 +182,10 @@ class Engine(object):
         """Like pread, but may say where holes are.
 
         Returns a list of ``(offset, data)`` pieces in order covering the
-        request; ``data`` is None for a run that reads as zeros.  The server
-        turns None pieces into OFFSET_HOLE chunks.
+        request; ``data`` is None for a run that reads as zeros, bytes-like,
+        or a ``FileRange`` the server may send without copying it (use
+        ``in_memory(data)`` to get the bytes).  The server turns None
+        pieces into OFFSET_HOLE chunks.
         """
         return [(offset, self.pread(count, offset))]
 

@@ -27,10 +27,17 @@ from time import monotonic
 from . import log
 from . import protocol as nbd
 from .engine import (FUA_EMULATE, FUA_NATIVE, MAX_REQUEST_SIZE, PARALLEL,
-                     EngineError, SerializedEngine, errno_of)
+                     EngineError, FileRange, SerializedEngine, errno_of)
 
 # Buffers per sendmsg/writev call, well under Linux's IOV_MAX of 1024.
 _MAX_IOVECS = 512
+
+# Errors of sendfile(2) that mean the client went away, not the file.
+_CLIENT_GONE = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN,
+                          errno.ESHUTDOWN))
+
+# Tells the kernel more follows a reply header (TCP: one segment, not two).
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
 
 # How long queued requests wait while running workers make no progress
 # before another worker is woken for them (see _WorkerPool).
@@ -55,10 +62,21 @@ class ServerSettings(object):
 
 # ---------------------------------------------------------------------------
 # channels: how bytes move for one connection
+#
+# A channel's send() takes a list of bytes-like buffers and, when the
+# channel's ``zero_copy`` is true, engine.FileRange pieces too.
+
+
+class _FileSendError(OSError):
+    """Reading the disk failed while its data was being sent: part of a
+    reply is out, so the connection must be dropped."""
 
 
 class _SocketChannel(object):
     """A connected stream socket (accepted, or stdin when it is one)."""
+
+    # Data still in files goes out with sendfile(2): no copy into Python.
+    zero_copy = True
 
     # Requests arrive in bursts (nbdcopy keeps 64 in flight): one recv
     # into this buffer picks up many 28-byte headers, sparing a system
@@ -112,11 +130,42 @@ class _SocketChannel(object):
         return True
 
     def send(self, buffers):
+        start = 0
+        for index, piece in enumerate(buffers):
+            if type(piece) is FileRange:
+                if index > start:
+                    self._send_buffers(buffers[start:index], _MSG_MORE)
+                self._send_file(piece)
+                start = index + 1
+        if start == 0:
+            self._send_buffers(buffers)
+        elif start < len(buffers):
+            self._send_buffers(buffers[start:])
+
+    def _send_buffers(self, buffers, flags=0):
         for start in range(0, len(buffers), _MAX_IOVECS):
             batch = buffers[start:start + _MAX_IOVECS]
-            sent = self._sendmsg(batch)
+            sent = (self._sendmsg(batch, (), flags) if flags
+                    else self._sendmsg(batch))
             if sent < sum(len(b) for b in batch):
                 self._send_rest(batch, sent)
+
+    def _send_file(self, piece):
+        fileno = self.sock.fileno()
+        offset, left = piece.offset, piece.length
+        while left:
+            try:
+                sent = os.sendfile(fileno, piece.fd, offset, left)
+            except OSError as exc:
+                if exc.errno in _CLIENT_GONE:
+                    raise
+                raise _FileSendError(exc.errno, "sending from the disk: %s"
+                                     % exc.strerror)
+            if sent == 0:
+                raise _FileSendError(errno.EIO, "the disk file ends %d bytes "
+                                     "short of a reply" % left)
+            offset += sent
+            left -= sent
 
     def _send_rest(self, batch, sent):
         # A signal can interrupt a blocking sendmsg part way.
@@ -154,6 +203,9 @@ class _PipeChannel(object):
     """A pair of file descriptors that are not one socket (-s with
     pipes).  A pipe read cannot be interrupted from another thread, so
     every read first waits for data or the stop pipe."""
+
+    # sendfile(2) needs a socket here (pipes take splice): read instead.
+    zero_copy = False
 
     def __init__(self, read_fd, write_fd, stop_fd):
         self.read_fd = read_fd
@@ -350,6 +402,12 @@ class _Connection(object):
                 return
             try:
                 self.channel.send(buffers)
+            except _FileSendError as exc:
+                # The reply is cut short: only a dropped connection tells
+                # the client its data is wrong.
+                self._broken = True
+                log.error("%s: %s: dropping the connection", self.peer, exc)
+                self.channel.abort()
             except OSError as exc:
                 # The client is gone: make the reader stop too.
                 self._broken = True
@@ -602,6 +660,7 @@ class _Connection(object):
             return [nbd.offset_data_header(cookie, offset, length, True),
                     data]
         pieces = self.engine.pread_sparse(length, offset)
+        zero_copy = self.channel.zero_copy
         bounds = [start for start, _ in pieces] + [offset + length]
         if bounds[0] != offset or any(
                 a > b for a, b in zip(bounds, bounds[1:])):
@@ -618,6 +677,8 @@ class _Connection(object):
                 continue
             if len(data) != size:
                 raise EngineError(errno.EIO, "short read from the disk")
+            if not zero_copy and type(data) is FileRange:
+                data = data.read()
             reply.append(nbd.offset_data_header(cookie, start, size, done))
             reply.append(data)
         return reply

@@ -63,18 +63,14 @@ class NativeEngine(Engine):
         return not (self.can_write() and self.disk.sequential_writes_only)
 
     def pread(self, count, offset):
-        pieces = self.pread_sparse(count, offset)
-        if len(pieces) == 1 and pieces[0][1] is not None:
-            return pieces[0][1]
-        out = bytearray(count)
-        for pos, data in pieces:
-            if data is not None:
-                out[pos - offset:pos - offset + len(data)] = data
-        return out
+        try:
+            return self.disk.read_bytes(offset, count)
+        except VmdkError as e:
+            raise _engine_error(e)
 
     def pread_sparse(self, count, offset):
         try:
-            return self.disk.read(offset, count)
+            return self.disk.read(offset, count, file_ranges=True)
         except VmdkError as e:
             raise _engine_error(e)
 

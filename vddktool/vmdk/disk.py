@@ -266,31 +266,33 @@ class Disk(object):
             index += 1
 
     # --- reading -------------------------------------------------------------
-    def read(self, offset, count):
-        """[(offset, data or None)] covering the range; None reads zeros."""
+    def read(self, offset, count, file_ranges=False):
+        """[(offset, data or None)] covering the range; None reads zeros.
+        With ``file_ranges``, data may be an engine.FileRange."""
         if len(self.extents) == 1 and offset + count <= self.size:
             # The common case, kept short: one extent, often one piece.
-            pieces = self.extents[0].read(offset, count)
+            pieces = _reader(self.extents[0], file_ranges)(offset, count)
             if len(pieces) == 1 and not isinstance(pieces[0][1], str):
                 return [(offset, pieces[0][1])]
-            return self._resolve(offset, pieces)
+            return self._resolve(offset, pieces, file_ranges)
         pieces = []
         pos = offset
         end = min(offset + count, self.size)
         for extent, within, n, _ in self._spans(offset, end - offset):
-            pieces.extend(self._resolve(pos, extent.read(within, n)))
+            pieces.extend(self._resolve(
+                pos, _reader(extent, file_ranges)(within, n), file_ranges))
             pos += n
         if pos < offset + count:
             # Past the end of a smaller parent: zeros.
             pieces.append((pos, None))
         return _merge_holes(pieces)
 
-    def _resolve(self, pos, extent_pieces):
+    def _resolve(self, pos, extent_pieces, file_ranges):
         """Extent pieces -> disk pieces: parents fill the unallocated."""
         pieces = []
         for length, value in extent_pieces:
             if value is UNALLOCATED and self.parent is not None:
-                pieces.extend(self.parent.read(pos, length))
+                pieces.extend(self.parent.read(pos, length, file_ranges))
             elif value is UNALLOCATED or value is ZERO:
                 pieces.append((pos, None))
             else:
@@ -428,6 +430,10 @@ class _NoLock(object):
 
 
 _NO_LOCK = _NoLock()
+
+
+def _reader(extent, file_ranges):
+    return extent.read_range if file_ranges else extent.read
 
 
 def _merge_holes(pieces):

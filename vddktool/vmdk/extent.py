@@ -42,6 +42,11 @@ class ExtentReader(object):
         bytes-like of that length (DATA), ZERO, or UNALLOCATED."""
         raise NotImplementedError
 
+    def read_range(self, offset, count):
+        """Like ``read``, but a DATA value may be an ``engine.FileRange``
+        that the server sends straight from the file (flat extents)."""
+        return self.read(offset, count)
+
     def write(self, offset, data):
         """Write ``data`` (bytes-like) at ``offset``, allocating as needed."""
         raise VmdkError("this extent is read-only")

@@ -1,7 +1,8 @@
 """Flat extents (FLAT, VMFS, VMFSRDM, VMFSRAW) and ZERO extents.
 
-A flat extent is raw data at a byte offset in a file or device.  Reads are
-one os.pread each, handed to the server without copying.  Allocation comes
+A flat extent is raw data at a byte offset in a file or device.  The
+server's reads get a FileRange, which it sends with sendfile(2) so the data
+never enters Python; other readers get one os.pread.  Allocation comes
 from the host file system: SEEK_DATA/SEEK_HOLE say where holes are.
 """
 
@@ -9,7 +10,9 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 
+from ..engine import EngineError, FileRange
 from .extent import DATA, ZERO, ExtentReader, VmdkError
 
 SECTOR = 512
@@ -67,21 +70,17 @@ def pwrite_all(fd, data, offset, path):
         offset += n
 
 
+def _truncated(path, count, offset):
+    return VmdkError("%s: truncated: %d bytes needed at byte %d, the file "
+                     "ends before" % (path, count, offset))
+
+
 def pread_exact(fd, count, offset, path):
     """Read exactly ``count`` bytes; a short read means a truncated file."""
-    data = os.pread(fd, count, offset)
-    if len(data) == count:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < count:
-        more = os.pread(fd, count - got, offset + got)
-        if not more:
-            raise VmdkError("%s: truncated: %d bytes needed at byte %d, the "
-                            "file ends before" % (path, count, offset))
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
+    try:
+        return FileRange(fd, offset, count).read()
+    except EngineError:
+        raise _truncated(path, count, offset)
 
 
 def open_file(path, writable):
@@ -113,6 +112,8 @@ class FlatExtent(ExtentReader):
         self.writable = writable
         self.fd = open_file(path, writable)
         available = file_size(self.fd)
+        # A regular file can shrink under us; a device cannot.
+        self._may_shrink = stat.S_ISREG(os.fstat(self.fd).st_mode)
         if available < start + size:
             os.close(self.fd)
             raise VmdkError(
@@ -152,6 +153,14 @@ class FlatExtent(ExtentReader):
     def read(self, offset, count):
         return [(count, pread_exact(self.fd, count, self.start + offset,
                                     self.path))]
+
+    def read_range(self, offset, count):
+        where = self.start + offset
+        # A reply cannot be taken back once sendfile has begun it, so a
+        # file truncated since it was opened must fail here, cleanly.
+        if self._may_shrink and os.fstat(self.fd).st_size < where + count:
+            raise _truncated(self.path, count, where)
+        return [(count, FileRange(self.fd, where, count))]
 
     def write(self, offset, data):
         pwrite_all(self.fd, data, self.start + offset, self.path)
