@@ -596,6 +596,21 @@ def test_unknown_extent_flag_bits_are_dropped():
         (8, 1)]
 
 
+def test_a_reply_holds_at_most_the_bounded_number_of_extents():
+    limit = nbd.MAX_EXTENTS_PER_REPLY
+    many = [E(i, 1, 3 * (i % 2)) for i in range(limit + 10)]
+    out = nbd.normalize_extents(many, 0, limit + 10, False)
+    assert len(out) == limit and out[-1] == (1, 3 * ((limit - 1) % 2))
+
+
+def test_the_bound_still_merges_a_last_extent_of_the_same_kind():
+    limit = nbd.MAX_EXTENTS_PER_REPLY
+    many = [E(i, 1, 3 * (i % 2)) for i in range(limit)] + [
+        E(limit, 5, 3 * ((limit - 1) % 2))]
+    out = nbd.normalize_extents(many, 0, limit + 5, False)
+    assert len(out) == limit and out[-1][0] == 6
+
+
 # ---------------------------------------------------------------------------
 # request validation
 
