@@ -1,23 +1,35 @@
-"""The per-connection worker pool, without sockets."""
+"""The per-connection request threads (leader and followers), without
+sockets."""
 
 import threading
 import time
 
-from vddktool.server import _WorkerPool
+import pytest
+
+from vddktool.server import _LeaderFollowers
 
 
 class Recorder(object):
-    """execute/deliver callables that note what ran and how many at once."""
+    """read/execute/deliver callables: requests come from a list, and the
+    recorder notes what ran, on which thread, and how many at once."""
 
-    def __init__(self, delays=None):
+    def __init__(self, requests, delays=None):
+        self.requests = list(requests)
+        self.reads = 0
         self.delays = delays or {}
         self.lock = threading.Lock()
         self.delivered = []
+        self.threads = set()
         self.concurrent = 0
         self.most_concurrent = 0
 
+    def read(self):
+        self.reads += 1
+        return self.requests.pop(0) if self.requests else None
+
     def execute(self, item):
         with self.lock:
+            self.threads.add(threading.current_thread())
             self.concurrent += 1
             self.most_concurrent = max(self.most_concurrent, self.concurrent)
         time.sleep(self.delays.get(item, 0))
@@ -29,59 +41,63 @@ class Recorder(object):
         with self.lock:
             self.delivered.append(reply)
 
+    def loop(self, size, patience=0.005):
+        return _LeaderFollowers(self.read, self.execute, self.deliver, size,
+                                patience)
 
-def test_close_finishes_every_queued_request():
-    recorder = Recorder()
-    pool = _WorkerPool(recorder.execute, recorder.deliver, 4, 0.005)
-    for item in range(200):
-        pool.submit(item)
-    pool.close()
+
+def test_every_request_is_answered_before_run_returns():
+    recorder = Recorder(range(200))
+    recorder.loop(4).run()
     assert sorted(recorder.delivered) == list(range(200))
 
 
+def test_fast_requests_stay_on_the_reading_thread():
+    recorder = Recorder(range(500))
+    # A generous patience: only the absence of stalls is under test.
+    recorder.loop(4, patience=2.0).run()
+    assert recorder.threads == {threading.current_thread()}
+    assert len(recorder.delivered) == 500
+
+
 def test_a_slow_request_does_not_hold_up_the_next():
-    recorder = Recorder({"slow": 1.0})
-    pool = _WorkerPool(recorder.execute, recorder.deliver, 4, 0.005)
-    pool.submit("slow")
-    time.sleep(0.05)
-    pool.submit("fast")
+    recorder = Recorder(["slow", "fast"], {"slow": 1.0})
+    runner = threading.Thread(target=recorder.loop(4).run)
+    runner.start()
     deadline = time.time() + 0.5
     while "fast" not in recorder.delivered and time.time() < deadline:
         time.sleep(0.01)
     assert recorder.delivered == ["fast"]
-    pool.close()
+    runner.join(10)
     assert recorder.delivered == ["fast", "slow"]
 
 
 def test_stuck_requests_bring_in_up_to_size_threads():
-    recorder = Recorder(dict((i, 0.3) for i in range(10)))
-    pool = _WorkerPool(recorder.execute, recorder.deliver, 3, 0.005)
-    for item in range(10):
-        pool.submit(item)
-    pool.close()
+    recorder = Recorder(range(10), dict((i, 0.3) for i in range(10)))
+    recorder.loop(3).run()
     assert recorder.most_concurrent == 3
     assert len(recorder.delivered) == 10
 
 
-def test_submit_blocks_when_the_queue_is_full():
+def test_reading_stops_while_every_thread_is_stuck():
     release = threading.Event()
-    pool = _WorkerPool(lambda item: release.wait(), lambda reply: None, 1,
-                       0.005)
-    submitted = []
-
-    def flood():
-        for item in range(10):
-            pool.submit(item)
-            submitted.append(item)
-    flooder = threading.Thread(target=flood)
-    flooder.start()
-    deadline = time.time() + 10
-    while len(submitted) < 3 and time.time() < deadline:
-        time.sleep(0.01)
+    recorder = Recorder(range(10))
+    loop = _LeaderFollowers(recorder.read, lambda item: release.wait(),
+                            recorder.deliver, 1, 0.005)
+    runner = threading.Thread(target=loop.run)
+    runner.start()
     time.sleep(0.2)
-    # One running plus a queue of twice the pool size; the rest must wait.
-    assert len(submitted) == 3
+    # One thread, stuck in its request: the rest wait in the socket.
+    assert recorder.reads == 1
     release.set()
-    flooder.join(10)
-    pool.close()
-    assert len(submitted) == 10
+    runner.join(10)
+    assert len(recorder.delivered) == 10
+
+
+def test_a_failing_read_ends_the_loop_and_reaches_the_caller():
+    def read():
+        raise OSError("connection reset")
+    loop = _LeaderFollowers(read, lambda item: item, lambda reply: None, 4,
+                            0.005)
+    with pytest.raises(OSError):
+        loop.run()

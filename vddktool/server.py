@@ -1,18 +1,17 @@
 """Sockets, threads and request dispatch around the sans-IO protocol.
 
 Each connection gets one thread (socketserver-style) that negotiates and
-then reads requests; the requests run on a pool of up to -t worker threads
-per connection, so a client can keep many in flight (nbdcopy sends 64),
-and replies go out in completion order under a write lock.  The pool
-wakes extra threads only when the disk stalls: with Python's GIL, every
-hand-off between threads costs more than a read from the page cache.
+then reads requests, executes them and sends the replies itself; only
+when the disk stalls do more threads (up to -t per connection) join in,
+so a slow request does not hold up fast ones, and replies go out in
+completion order under a write lock.  With Python's GIL, every hand-off
+between threads costs more than a read from the page cache.
 
 Shutdown must be callable from a signal handler, so ``shutdown()`` only
 sets a flag and writes a byte to a pipe that is never drained: the pipe
 then stays readable, waking every select() that watches it, now or later.
 """
 
-import collections
 import errno
 import itertools
 import os
@@ -40,7 +39,7 @@ _CLIENT_GONE = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN,
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 
 # How long queued requests wait while running workers make no progress
-# before another worker is woken for them (see _WorkerPool).
+# before another thread takes over reading (see _LeaderFollowers).
 _WORKER_PATIENCE_SECONDS = 0.005
 
 # How long the main thread may sleep in select().  The kernel may deliver
@@ -262,118 +261,140 @@ def _stdio_channel(read_fd, write_fd, stop_fd):
     return _PipeChannel(read_fd, write_fd, stop_fd)
 
 
-class _WorkerPool(object):
+class _LeaderFollowers(object):
     """Runs one connection's requests on up to ``size`` threads.
 
-    Handing a request to a sleeping thread costs a wake-up and a GIL
-    hand-off, which for a read from the page cache costs more than the read
-    itself: so a thread that finishes a request takes the next queued one
-    at once, and idle threads stay asleep.  Only when requests are queued
-    and the disk has made no progress for ``patience`` seconds (the running
-    threads are stuck in slow I/O, and a slow request must not hold up fast
-    ones) does another thread join in.  One idle thread, the standby, times
-    that.  A thread blocked sending means the client is the bottleneck,
-    which more threads would not help.
+    One thread at a time, the leader, reads a request, executes it and
+    sends the reply itself, then reads the next: no queue and no hand-off
+    between threads, which with Python's GIL cost more than a read from
+    the page cache.  A second thread, the standby, sleeps meanwhile; only
+    when the leader has spent ``patience`` seconds inside one request (a
+    slow disk, and a slow request must not hold up fast ones) does the
+    standby take over reading, and another thread, up to ``size``, becomes
+    the next standby.  The old leader sends its reply and then waits as a
+    follower.  Time spent sending never counts: a leader blocked on the
+    socket means the client is the bottleneck, which more threads would
+    not help.
 
-    ``execute(item)`` does the work and returns what ``deliver`` sends.
+    ``read()`` returns the next request or None at the end of the stream;
+    ``execute(request)`` returns what ``deliver`` sends.
     """
 
-    def __init__(self, execute, deliver, size, patience):
+    # Once the connection has been quiet this long, the standby stops
+    # polling and sleeps until the leader next starts a request.
+    QUIET_SECONDS = 1.0
+
+    def __init__(self, read, execute, deliver, size, patience):
+        self._read = read
         self._execute = execute
         self._deliver = deliver
         self._size = size
         self._patience = patience
         self._lock = threading.Lock()
-        self._work = threading.Condition(self._lock)
-        self._room = threading.Condition(self._lock)
-        # Bounded, so a client that floods writes without reading replies
-        # is held back by the socket instead of filling our memory.
-        self._limit = 2 * size
-        self._pending = collections.deque()
+        self._changed = threading.Condition(self._lock)
         self._threads = []
-        self._running = 0
-        self._sending = 0
-        self._idle = 0
-        self._standby = False
-        self._closing = False
-        self._last_progress = monotonic()
+        self._leader = None        # the thread reading, or None
+        self._busy_since = None    # when the leader started executing
+        self._last_request = monotonic()
+        self._standby = None
+        self._standby_asleep = False
+        self._ended = False
 
-    def submit(self, item):
-        with self._lock:
-            while len(self._pending) >= self._limit:
-                self._room.wait()
-            self._pending.append(item)
-            if self._running == 0 or not self._standby:
-                self._wake()
+    def run(self):
+        """Serve until the end of the stream and every request is done."""
+        try:
+            self._serve()
+        finally:
+            with self._lock:
+                self._end()
+                threads = list(self._threads)
+            for thread in threads:
+                thread.join()
 
-    def close(self):
-        """Finish every queued request, then stop the threads."""
-        with self._lock:
-            self._closing = True
-            self._work.notify_all()
-            threads = list(self._threads)
-        for thread in threads:
-            thread.join()
+    def _end(self):
+        self._ended = True
+        self._changed.notify_all()
 
-    def _wake(self):
-        if self._idle:
-            self._work.notify()
-        elif len(self._threads) < self._size:
-            thread = threading.Thread(target=self._loop, name="nbd-worker")
-            thread.daemon = True
-            self._threads.append(thread)
-            thread.start()
+    def _serve(self):
+        me = threading.current_thread()
+        while self._follow(me):
+            try:
+                self._lead(me)
+            except BaseException:
+                with self._lock:
+                    self._end()
+                raise
 
-    def _may_take(self, just_finished):
-        if not self._pending:
-            return False
-        if just_finished or self._running == 0 or self._closing:
-            return True
-        return self._sending == 0 and (
-            monotonic() - self._last_progress >= self._patience)
-
-    def _loop(self):
-        just_finished = False
-        with self._lock:
-            while True:
-                if self._may_take(just_finished):
-                    item = self._pending.popleft()
-                    self._running += 1
-                    self._last_progress = monotonic()
-                    self._room.notify()
-                    if self._pending and not self._standby:
-                        self._wake()
-                    self._lock.release()
-                    try:
-                        reply = self._execute(item)
-                        with self._lock:
-                            self._sending += 1
-                            self._last_progress = monotonic()
-                        try:
-                            self._deliver(reply)
-                        finally:
-                            with self._lock:
-                                self._sending -= 1
-                    finally:
-                        self._lock.acquire()
-                        self._running -= 1
-                        self._last_progress = monotonic()
-                    just_finished = True
-                    continue
-                just_finished = False
-                if self._closing and not self._pending:
+    def _lead(self, me):
+        read, execute, deliver = self._read, self._execute, self._deliver
+        lock = self._lock
+        while True:
+            request = read()
+            with lock:
+                if request is None:
+                    self._end()
                     return
-                if self._pending and not self._standby:
-                    self._standby = True
-                    stalled = monotonic() - self._last_progress
-                    if stalled >= self._patience:
-                        stalled = 0.0  # stalled on sending: check later
-                    self._work.wait(self._patience - stalled)
-                    self._standby = False
-                else:
-                    self._idle += 1
-                    self._work.wait()
-                    self._idle -= 1
+                now = monotonic()
+                self._busy_since = self._last_request = now
+                if self._standby is None:
+                    if len(self._threads) + 1 < self._size:
+                        self._spawn()
+                elif self._standby_asleep:
+                    self._standby_asleep = False
+                    self._changed.notify_all()
+            try:
+                reply = execute(request)
+            finally:
+                with lock:
+                    replaced = self._leader is not me
+                    if not replaced:
+                        self._busy_since = None
+            deliver(reply)
+            if replaced:
+                return
+
+    def _spawn(self):
+        thread = threading.Thread(target=self._serve, name="nbd-worker")
+        thread.daemon = True
+        self._threads.append(thread)
+        self._standby = thread  # already: no second spawn while it starts
+        thread.start()
+
+    def _follow(self, me):
+        """Wait until this thread should lead; False when serving ends."""
+        with self._lock:
+            while not self._ended:
+                if self._leader is None:
+                    self._leader = me
+                    return True
+                if self._standby is None or self._standby is me:
+                    self._standby = me
+                    if self._stand_by():
+                        self._standby = None
+                        self._leader = me
+                        return True
+                    continue
+                self._changed.wait()
+            if self._standby is me:
+                self._standby = None
+            return False
+
+    def _stand_by(self):
+        """One nap of the standby; True when it should take over."""
+        now = monotonic()
+        if self._busy_since is not None:
+            stalled = now - self._busy_since
+            if stalled >= self._patience:
+                self._busy_since = None
+                return True
+            self._changed.wait(self._patience - stalled)
+        elif now - self._last_request < self.QUIET_SECONDS:
+            self._changed.wait(self._patience)
+        else:
+            self._standby_asleep = True
+            self._changed.wait()
+            self._standby_asleep = False
+        return False
 
 
 # ---------------------------------------------------------------------------
@@ -571,13 +592,12 @@ class _Connection(object):
             nbd.CMD_WRITE_ZEROES: self._zero,
             nbd.CMD_BLOCK_STATUS: self._block_status,
         }
-        pool = _WorkerPool(self._execute, self._send, self.settings.threads,
-                           _WORKER_PATIENCE_SECONDS)
-        try:
-            self._read_requests(pool.submit)
-        finally:
-            # DISC, end of stream or shutdown: finish what is in flight.
-            pool.close()
+        self._header = memoryview(bytearray(nbd.REQUEST_SIZE))
+        # Returns at DISC, end of stream or shutdown, once every request
+        # in flight has been answered.
+        _LeaderFollowers(self._next_request, self._execute, self._send,
+                         self.settings.threads,
+                         _WORKER_PATIENCE_SECONDS).run()
         # A client that leaves flushes if it cares (nbdkit does not flush
         # for it, and an fdatasync per disconnect costs seconds); a server
         # shutdown cuts clients off, so it flushes on their behalf.
@@ -588,22 +608,21 @@ class _Connection(object):
             except Exception as exc:
                 log.error("flush at disconnect: %s", exc)
 
-    def _read_requests(self, submit):
-        header = bytearray(nbd.REQUEST_SIZE)
-        header_view = memoryview(header)
+    def _next_request(self):
+        """The next valid request, or None when the connection ends.
+        Invalid requests are answered here."""
+        header = self._header
         read_into = self.channel.read_into
-        unpack = nbd.REQUEST.unpack_from
-        validate = nbd.validate_request
-        limits = self.limits
         debugging = self.debugging
         while True:
-            if not read_into(header_view):
-                return
-            magic, flags, command, cookie, offset, length = unpack(header)
+            if not read_into(header):
+                return None
+            magic, flags, command, cookie, offset, length = \
+                nbd.REQUEST.unpack_from(header)
             if magic != nbd.REQUEST_MAGIC:
                 log.error("%s: bad request magic 0x%x: disconnecting",
                           self.peer, magic)
-                return
+                return None
             if debugging:
                 log.debug("%s: %s flags 0x%x offset %d length %d cookie %d",
                           self.peer, nbd.COMMAND_NAMES.get(command, command),
@@ -615,17 +634,18 @@ class _Connection(object):
                     # whatever the client claims: refuse and hang up.
                     self._send(self._error_reply(command, cookie,
                                                  nbd.NBD_EINVAL))
-                    return
+                    return None
                 payload = bytearray(length)
                 if length and not read_into(memoryview(payload)):
-                    return
+                    return None
             elif command == nbd.CMD_DISC:
-                return
-            error = validate(command, flags, offset, length, limits)
+                return None
+            error = nbd.validate_request(command, flags, offset, length,
+                                         self.limits)
             if error:
                 self._send(self._error_reply(command, cookie, error))
                 continue
-            submit((flags, command, cookie, offset, length, payload))
+            return flags, command, cookie, offset, length, payload
 
     def _execute(self, request):
         flags, command, cookie, offset, length, payload = request
