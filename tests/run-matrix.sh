@@ -47,7 +47,7 @@ interpreter() {  # X.Y -> path of that CPython
     command -v "python$v"
 }
 
-make_venv() {  # X.Y -> venv dir with pytest
+make_venv() {  # X.Y -> venv dir with pytest and hypothesis
     local v=$1 dir=$top/.venvs/py$1 py
     if [ ! -x "$dir/bin/pytest" ]; then
         py=$(interpreter "$v") || { echo "no python$v" >&2; return 1; }
@@ -60,6 +60,13 @@ make_venv() {  # X.Y -> venv dir with pytest
             "$dir/bin/pip" install -q -U pip >/dev/null 2>&1
             "$dir/bin/pip" install -q pytest || return 1
         fi
+    fi
+    # Checked apart from pytest: venvs made before the property tests came
+    # have pytest alone.  6.31 is the last hypothesis for Python 3.6.
+    if ! "$dir/bin/python" -c "import hypothesis" 2>/dev/null; then
+        local pin=hypothesis
+        [ "$v" = 3.6 ] && pin='hypothesis<6.32'
+        "$dir/bin/pip" install -q "$pin" || return 1
     fi
     echo "$dir"
 }
