@@ -1,6 +1,7 @@
 """The server process: --run, -U -, TCP, -s, socket activation, the daemon
 and its pidfile, --exit-with-parent, signals, -r, -e, -t."""
 
+import json
 import os
 import signal
 import socket
@@ -120,6 +121,16 @@ def test_run_client_reads_the_disk(disk):
     need("nbdinfo")
     proc = vddktool("-U", "-", disk, "--run", 'nbdinfo --size "$uri"')
     assert proc.stdout.strip() == str(DISK_SIZE)
+
+
+def test_export_name_is_listed_and_served_under_its_uri(disk):
+    need("nbdinfo")
+    proc = vddktool("-U", "-", "-e", "my disk", disk, "--run",
+                    'nbdinfo --size "$uri" && nbdinfo --list --json "$uri"')
+    size, listing = proc.stdout.split("\n", 1)
+    assert size == str(DISK_SIZE)
+    assert [e["export-name"] for e in json.loads(listing)["exports"]] == \
+        ["my disk"]
 
 
 def test_named_unix_socket_is_removed_on_exit(disk, tmp_path):
