@@ -24,6 +24,8 @@ def assert_one_line_failure(proc):
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("vddktool: "), lines[0]
+    # A bug caught at the top is one line too, but not a user mistake.
+    assert "internal error" not in lines[0], lines[0]
     return lines[0]
 
 
@@ -106,12 +108,13 @@ WRONG_PIECES = [
     ["-p", "ten"], ["-t", "0"], ["-t", "-3"], ["-t", "many"],
     ["-D", "noflag"], ["-D", "vddk.stats=x"], ["-D", "=1"],
     ["--log=file"], ["--tls=on"], ["--tls=maybe"], ["--filter=cache"],
-    ["--oldstyle"], ["-e", "x" * 5000], ["--version=1"], ["--run"],
+    ["--oldstyle"], ["-e", "x" * 5000], ["-e", "\udcff"], ["--version=1"],
+    ["--run"],
     ["nosuchparam=1"], ["create-size=12Q"], ["create-size=100"],
     ["create-size=-1M"], ["create-type=qcow2"], ["compression=gzip"],
     ["thumbprint=12:34"], ["create-hwversion=banana"],
     ["create-adapter-type=usb"], ["single-link=perhaps"], ["vm=42"],
-    ["transports=carrier-pigeon"], ["password=-bad"], ["port=0"],
+    ["password=-1"], ["password=+/nonexistent/pw"], ["port=0"],
     ["unbuffered=yes please"],
 ]
 # Wrong ways of naming the disk itself.
@@ -144,15 +147,21 @@ def empty_disk(tmp_path):
     return str(disk)
 
 
-def test_each_wrong_piece_is_one_line(empty_disk, tmp_path):
+def named_by(pieces):
+    """The option or parameter an error about ``pieces`` must name."""
+    return pieces[0].split("=", 1)[0]
+
+
+def test_each_wrong_piece_is_one_line_naming_it(empty_disk, tmp_path):
     socket_args = ["-U", str(tmp_path / "s")]
     outcomes = run_command_lines([socket_args + [empty_disk] + pieces
                                   for pieces in WRONG_PIECES])
     for pieces, outcome in zip(WRONG_PIECES, outcomes):
         try:
-            assert_one_line_failure(outcome)
+            line = assert_one_line_failure(outcome)
+            assert line.startswith("vddktool: %s" % named_by(pieces)), line
         except AssertionError as e:
-            raise AssertionError("%s: %s" % (" ".join(pieces), e))
+            raise AssertionError("%r: %s" % (" ".join(pieces), e))
 
 
 def test_each_wrong_disk_is_one_line_naming_file(tmp_path):

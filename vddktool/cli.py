@@ -202,7 +202,14 @@ def parse_listen_port(option, value):
 
 
 def parse_export_name(option, value):
-    if len(value.encode("utf-8", "surrogateescape")) > MAX_EXPORT_NAME:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # Bytes the locale could not decode: NBD names are UTF-8 text.
+        raise UsageError("%s: the export name is not valid UTF-8 (NBD "
+                         "export names are UTF-8 text; use another name)"
+                         % option)
+    if len(value.encode("utf-8")) > MAX_EXPORT_NAME:
         raise UsageError("%s: the export name is longer than %d bytes (NBD's "
                          "limit; use a shorter name)" % (option,
                                                          MAX_EXPORT_NAME))
