@@ -115,7 +115,7 @@ WRONG_PIECES = [
     ["thumbprint=12:34"], ["create-hwversion=banana"],
     ["create-adapter-type=usb"], ["single-link=perhaps"], ["vm=42"],
     ["password=-1"], ["password=+/nonexistent/pw"], ["port=0"],
-    ["unbuffered=yes please"],
+    ["unbuffered=yes please"], ["-U", "-"],
 ]
 # Wrong ways of naming the disk itself.
 WRONG_DISKS = [["relative/disk.vmdk"], ["/nonexistent/dir/disk.vmdk"],

@@ -281,6 +281,12 @@ def check_options(options, activated):
         which = "-p" if options.port is not None else "-i"
         raise UsageError("-U: cannot be combined with %s (listen on a Unix "
                          "socket or on TCP, not both)" % which)
+    if options.unix_socket == "-" and not options.run_command:
+        # Its path is known only to --run's command: no one else could
+        # ever connect.
+        raise UsageError("-U -: a private socket is only reachable by the "
+                         "--run command (add --run 'COMMAND', or give "
+                         "-U a path)")
     if options.single:
         for given, name in ((options.unix_socket, "-U"),
                             (options.port is not None, "-p"),
