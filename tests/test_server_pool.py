@@ -101,3 +101,17 @@ def test_a_failing_read_ends_the_loop_and_reaches_the_caller():
                             0.005)
     with pytest.raises(OSError):
         loop.run()
+
+
+def test_once_the_disk_stalls_slow_requests_run_side_by_side():
+    """After one stall the leader hands reading over at once, instead of
+    each request waiting out the patience before the next is read."""
+    recorder = Recorder(range(12), dict((i, 0.5) for i in range(12)))
+    start = time.monotonic()
+    recorder.loop(12, patience=0.2).run()
+    elapsed = time.monotonic() - start
+    assert len(recorder.delivered) == 12
+    # Serially stalled: 11 patiences plus a request, about 2.7 s.
+    # Side by side: one patience plus a request, about 0.7 s.
+    assert elapsed < 1.5
+    assert recorder.most_concurrent == 12

@@ -3,19 +3,17 @@ with sendfile(2) on sockets and read into memory on pipes."""
 
 import errno
 import os
-import socket
 import struct
 import subprocess
-import threading
 
 import pytest
 
 from conftest import CLIENT_ENV, need, run, vddktool_cmd
+from inprocess import serving
 from test_server_raw import RawClient
 from vddktool import log, protocol as nbd
 from vddktool.engine import (Backend, Engine, EngineError, FileRange,
                              in_memory)
-from vddktool.server import Server, ServerSettings
 from vmdk_fixtures import write_descriptor
 
 KiB = 1024
@@ -206,21 +204,12 @@ def unreadable_server(tmp_path):
     path = tmp_path / "data"
     path.write_bytes(bytes(1024 * KiB))
     fd = os.open(str(path), os.O_WRONLY)
-    sock_path = str(tmp_path / "s.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(sock_path)
-    listener.listen(4)
-    server = Server(_UnreadableBackend(fd), ServerSettings(readonly=True))
-    thread = threading.Thread(target=server.serve_forever, args=([listener],))
-    thread.start()
     try:
-        yield "nbd+unix:///?socket=" + sock_path
+        with serving(_UnreadableBackend(fd), tmp_path,
+                     readonly=True) as uri:
+            yield uri
     finally:
-        server.shutdown()
-        thread.join(30)
-        listener.close()
         os.close(fd)
-    assert not thread.is_alive()
 
 
 def test_sendfile_failure_mid_reply_drops_the_connection(unreadable_server,

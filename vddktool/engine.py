@@ -131,6 +131,12 @@ class Engine(object):
 
     thread_model = PARALLEL
 
+    # Whether pwrite may hold on to its buffer after returning (queued
+    # asynchronous writes).  An engine that always copies or writes before
+    # returning sets this False, and the server then reuses the buffer for
+    # the next write instead of allocating and zeroing a new one.
+    keeps_write_buffers = True
+
     # --- what the disk is and can do ------------------------------------
     def get_size(self):
         raise NotImplementedError
@@ -351,6 +357,7 @@ class SerializedEngine(FilterEngine):
     def __init__(self, next_engine):
         super().__init__(next_engine)
         self.thread_model = PARALLEL
+        self.keeps_write_buffers = next_engine.keeps_write_buffers
         self._lock = threading.Lock()
         for name in ("pread", "pread_sparse", "pwrite", "flush", "trim",
                      "zero", "extents", "cache"):

@@ -38,8 +38,12 @@ _CLIENT_GONE = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN,
 # Tells the kernel more follows a reply header (TCP: one segment, not two).
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 
-# How long queued requests wait while running workers make no progress
-# before another thread takes over reading (see _LeaderFollowers).
+# Write payload buffers kept for reuse per connection: one per thread that
+# may be writing at once is plenty, the rest are freed.
+_SPARE_WRITE_BUFFERS = 4
+
+# How long one request may run before another thread takes over reading
+# the next ones (see _LeaderFollowers).
 _WORKER_PATIENCE_SECONDS = 0.005
 
 # How long the main thread may sleep in select().  The kernel may deliver
@@ -267,22 +271,29 @@ class _LeaderFollowers(object):
     One thread at a time, the leader, reads a request, executes it and
     sends the reply itself, then reads the next: no queue and no hand-off
     between threads, which with Python's GIL cost more than a read from
-    the page cache.  A second thread, the standby, sleeps meanwhile; only
-    when the leader has spent ``patience`` seconds inside one request (a
-    slow disk, and a slow request must not hold up fast ones) does the
-    standby take over reading, and another thread, up to ``size``, becomes
-    the next standby.  The old leader sends its reply and then waits as a
-    follower.  Time spent sending never counts: a leader blocked on the
-    socket means the client is the bottleneck, which more threads would
-    not help.
+    the page cache.  A second thread, the standby, naps meanwhile; when
+    the leader has spent ``patience`` seconds inside one request (a slow
+    disk: a slow request must not hold up fast ones) the standby takes
+    over reading, and another thread, up to ``size``, becomes the next
+    standby.  The old leader sends its reply, then waits as a follower.
+
+    After such a stall, and for as long as requests keep stalling, the
+    disk is deemed slow: the leader then hands reading to a waiting
+    thread as soon as it has a request, so up to ``size`` slow requests
+    run at once without each waiting ``patience`` first.
+
+    Time spent sending never counts: a leader blocked on the socket means
+    the client is the bottleneck, which more threads would not help.
 
     ``read()`` returns the next request or None at the end of the stream;
     ``execute(request)`` returns what ``deliver`` sends.
     """
 
     # Once the connection has been quiet this long, the standby stops
-    # polling and sleeps until the leader next starts a request.
+    # napping and sleeps until the leader next starts a request.
     QUIET_SECONDS = 1.0
+    # How long after the last stall the disk still counts as slow.
+    SLOW_MEMORY_SECONDS = 1.0
 
     def __init__(self, read, execute, deliver, size, patience):
         self._read = read
@@ -296,6 +307,8 @@ class _LeaderFollowers(object):
         self._leader = None        # the thread reading, or None
         self._busy_since = None    # when the leader started executing
         self._last_request = monotonic()
+        self._last_stall = -self.SLOW_MEMORY_SECONDS
+        self._waiting = 0          # threads in _follow, standby included
         self._standby = None
         self._standby_asleep = False
         self._ended = False
@@ -315,9 +328,11 @@ class _LeaderFollowers(object):
         self._ended = True
         self._changed.notify_all()
 
-    def _serve(self):
+    def _serve(self, spawned=False):
         me = threading.current_thread()
-        while self._follow(me):
+        counted = spawned  # _spawn counted it as waiting already
+        while self._follow(me, counted):
+            counted = False
             try:
                 self._lead(me)
             except BaseException:
@@ -334,14 +349,19 @@ class _LeaderFollowers(object):
                 if request is None:
                     self._end()
                     return
-                now = monotonic()
-                self._busy_since = self._last_request = now
-                if self._standby is None:
-                    if len(self._threads) + 1 < self._size:
-                        self._spawn()
-                elif self._standby_asleep:
-                    self._standby_asleep = False
-                    self._changed.notify_all()
+                started = self._last_request = monotonic()
+                if started - self._last_stall < self.SLOW_MEMORY_SECONDS:
+                    self._hand_over()
+                if self._leader is me:
+                    self._busy_since = started
+                    if self._standby is None:
+                        if self._waiting:
+                            self._changed.notify()  # a follower stands by
+                        else:
+                            self._spawn()
+                    elif self._standby_asleep:
+                        self._standby_asleep = False
+                        self._changed.notify_all()
             try:
                 reply = execute(request)
             finally:
@@ -349,35 +369,57 @@ class _LeaderFollowers(object):
                     replaced = self._leader is not me
                     if not replaced:
                         self._busy_since = None
+                    if monotonic() - started >= self._patience:
+                        self._last_stall = monotonic()
             deliver(reply)
             if replaced:
                 return
 
+    def _hand_over(self):
+        """Let another thread read the next request while this one runs
+        its own; with nobody free, keep reading."""
+        if self._waiting:
+            self._leader = None
+            self._changed.notify()
+        elif self._spawn():
+            self._leader = None
+
     def _spawn(self):
-        thread = threading.Thread(target=self._serve, name="nbd-worker")
+        if len(self._threads) + 1 >= self._size:
+            return False
+        thread = threading.Thread(target=self._serve, args=(True,),
+                                  name="nbd-worker")
         thread.daemon = True
         self._threads.append(thread)
-        self._standby = thread  # already: no second spawn while it starts
+        self._waiting += 1  # from now on: no second spawn meanwhile
         thread.start()
+        return True
 
-    def _follow(self, me):
+    def _follow(self, me, counted):
         """Wait until this thread should lead; False when serving ends."""
         with self._lock:
-            while not self._ended:
-                if self._leader is None:
-                    self._leader = me
-                    return True
-                if self._standby is None or self._standby is me:
-                    self._standby = me
-                    if self._stand_by():
-                        self._standby = None
+            if not counted:
+                self._waiting += 1
+            try:
+                while not self._ended:
+                    if self._leader is None:
+                        if self._standby is me:
+                            self._standby = None
                         self._leader = me
                         return True
-                    continue
-                self._changed.wait()
-            if self._standby is me:
-                self._standby = None
-            return False
+                    if self._standby is None or self._standby is me:
+                        self._standby = me
+                        if self._stand_by():
+                            self._standby = None
+                            self._leader = me
+                            return True
+                        continue
+                    self._changed.wait()
+                if self._standby is me:
+                    self._standby = None
+                return False
+            finally:
+                self._waiting -= 1
 
     def _stand_by(self):
         """One nap of the standby; True when it should take over."""
@@ -386,6 +428,7 @@ class _LeaderFollowers(object):
             stalled = now - self._busy_since
             if stalled >= self._patience:
                 self._busy_since = None
+                self._last_stall = now
                 return True
             self._changed.wait(self._patience - stalled)
         elif now - self._last_request < self.QUIET_SECONDS:
@@ -415,6 +458,7 @@ class _Connection(object):
         self.debugging = log.verbose()
         self._write_lock = threading.Lock()
         self._broken = False
+        self._spare_write_buffers = []
 
     # -- plumbing --
     def _send(self, buffers):
@@ -635,7 +679,7 @@ class _Connection(object):
                     self._send(self._error_reply(command, cookie,
                                                  nbd.NBD_EINVAL))
                     return None
-                payload = bytearray(length)
+                payload = self._write_buffer(length)
                 if length and not read_into(memoryview(payload)):
                     return None
             elif command == nbd.CMD_DISC:
@@ -703,10 +747,27 @@ class _Connection(object):
             reply.append(data)
         return reply
 
+    def _write_buffer(self, length):
+        """A buffer for a write payload: a spare one of the right size if
+        the engine gave one back, which spares allocating and zeroing."""
+        spares = self._spare_write_buffers
+        if spares:
+            try:
+                spare = spares.pop()
+            except IndexError:
+                pass  # another thread took the last one
+            else:
+                if len(spare) == length:
+                    return spare
+        return bytearray(length)
+
     def _write(self, flags, cookie, offset, length, payload):
         fua = flags & nbd.CMD_FLAG_FUA
         self.engine.pwrite(payload, offset, bool(fua) and
                            self.fua_mode == FUA_NATIVE)
+        if not self.engine.keeps_write_buffers and \
+                len(self._spare_write_buffers) < _SPARE_WRITE_BUFFERS:
+            self._spare_write_buffers.append(payload)
         self._emulate_fua(fua)
         return [nbd.simple_reply(cookie)]
 

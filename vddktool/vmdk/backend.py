@@ -29,6 +29,9 @@ def _engine_error(exc):
 class NativeEngine(Engine):
     """One connection's view of the shared disk."""
 
+    # Extent writers write or copy before returning (see ExtentReader).
+    keeps_write_buffers = False
+
     def __init__(self, disk, readonly):
         self.disk = disk
         self.readonly = readonly

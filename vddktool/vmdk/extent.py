@@ -48,7 +48,8 @@ class ExtentReader(object):
         return self.read(offset, count)
 
     def write(self, offset, data):
-        """Write ``data`` (bytes-like) at ``offset``, allocating as needed."""
+        """Write ``data`` (bytes-like) at ``offset``, allocating as needed.
+        ``data`` is reused once this returns: copy what must outlive it."""
         raise VmdkError("this extent is read-only")
 
     def zero(self, offset, count, may_trim=False):
