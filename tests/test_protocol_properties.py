@@ -109,11 +109,11 @@ def describe(event):
     return "%s%r" % (type(event).__name__, tuple(fields))
 
 
-def negotiate(pieces):
+def negotiate(pieces, tls="off"):
     """Run the server's side against a client sending ``pieces``, as
     server.py does: answers the default export, lists one export, refuses
     TLS.  Returns (bytes sent, decisions asked for, bytes left over)."""
-    handshake = nbd.Handshake()
+    handshake = nbd.Handshake(tls)
     sent = [handshake.greeting()]
     decisions = []
     pieces = list(pieces)
@@ -145,17 +145,18 @@ def negotiate(pieces):
             return b"".join(sent), decisions, left
 
 
-def negotiate_or_protocol_error(pieces):
+def negotiate_or_protocol_error(pieces, tls="off"):
     try:
-        return negotiate(pieces)
+        return negotiate(pieces, tls)
     except nbd.ProtocolError as exc:
         return "ProtocolError: %s" % exc
 
 
-@given(client_streams(), st.lists(st.integers(0, 1 << 16), max_size=12))
-def test_handshake_never_raises_and_cuts_change_nothing(stream, points):
-    whole = negotiate_or_protocol_error([stream])
-    assert negotiate_or_protocol_error(cut(stream, points)) == whole
+@given(client_streams(), st.lists(st.integers(0, 1 << 16), max_size=12),
+       st.sampled_from(["off", "on", "require"]))
+def test_handshake_never_raises_and_cuts_change_nothing(stream, points, tls):
+    whole = negotiate_or_protocol_error([stream], tls)
+    assert negotiate_or_protocol_error(cut(stream, points), tls) == whole
 
 
 @given(client_streams())
