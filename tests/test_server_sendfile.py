@@ -50,6 +50,7 @@ def test_file_range_reads_its_bytes(tmp_path):
         assert len(piece) == 5
         assert piece.read() == b"23456"
         assert in_memory(piece) == b"23456"
+        assert bytes(piece) == b"23456"
         assert in_memory(b"as is") == b"as is"
     finally:
         os.close(fd)
@@ -229,3 +230,27 @@ def test_sendfile_failure_mid_reply_drops_the_connection(unreadable_server,
         % (unreadable_server, unreadable_server))
     assert proc.stdout.split() == ["failed", "dead", str(1024 * KiB)]
     assert "dropping the connection" in capfd.readouterr().err
+
+
+def test_sparse_grains_are_file_ranges_too(tmp_path):
+    """Allocated grains of a hosted sparse extent go out with sendfile,
+    contiguous ones as one range."""
+    from vddktool.vmdk.backend import NativeBackend
+    data = bytearray(4 * PIECE)
+    data[PIECE:3 * PIECE] = os.urandom(2 * PIECE)
+    raw = tmp_path / "d.raw"
+    raw.write_bytes(bytes(data))
+    path = str(tmp_path / "d.vmdk")
+    run(["qemu-img", "convert", "-O", "vmdk", "-o",
+         "subformat=monolithicSparse", str(raw), path], env=CLIENT_ENV)
+    backend = NativeBackend({"file": path}, readonly=True)
+    backend.get_ready()
+    try:
+        engine = backend.open("", True)
+        pieces = engine.pread_sparse(len(data), 0)
+        assert [type(piece).__name__ for _, piece in pieces] == [
+            "NoneType", "FileRange", "NoneType"]
+        assert pieces[1][0] == PIECE
+        assert bytes(pieces[1][1]) == data[PIECE:3 * PIECE]
+    finally:
+        backend.cleanup()

@@ -109,6 +109,8 @@ class FileRange(object):
             got += len(more)
         return b"".join(parts)
 
+    __bytes__ = read
+
 
 def in_memory(data):
     """A piece's data as a bytes-like object, reading a FileRange."""

@@ -70,7 +70,7 @@ def pwrite_all(fd, data, offset, path):
         offset += n
 
 
-def _truncated(path, count, offset):
+def truncated_error(path, count, offset):
     return VmdkError("%s: truncated: %d bytes needed at byte %d, the file "
                      "ends before" % (path, count, offset))
 
@@ -80,7 +80,7 @@ def pread_exact(fd, count, offset, path):
     try:
         return FileRange(fd, offset, count).read()
     except EngineError:
-        raise _truncated(path, count, offset)
+        raise truncated_error(path, count, offset)
 
 
 def open_file(path, writable):
@@ -159,7 +159,7 @@ class FlatExtent(ExtentReader):
         # A reply cannot be taken back once sendfile has begun it, so a
         # file truncated since it was opened must fail here, cleanly.
         if self._may_shrink and os.fstat(self.fd).st_size < where + count:
-            raise _truncated(self.path, count, where)
+            raise truncated_error(self.path, count, where)
         return [(count, FileRange(self.fd, where, count))]
 
     def write(self, offset, data):

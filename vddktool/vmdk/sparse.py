@@ -12,7 +12,9 @@ import os
 import struct
 
 from .extent import DATA, UNALLOCATED, ZERO, ExtentReader, VmdkError
-from .flat import SECTOR, pwrite_all, file_size, open_file, pread_exact
+from ..engine import FileRange
+from .flat import (SECTOR, file_size, open_file, pread_exact, pwrite_all,
+                   truncated_error)
 from .grains import unpack_le_array
 
 MAGIC = b"KDMV"
@@ -263,6 +265,13 @@ class SparseExtent(ExtentReader):
 
     def read(self, offset, count):
         """Contiguous grains in the file are read with one pread."""
+        return self._read(offset, count, self._read_data)
+
+    def read_range(self, offset, count):
+        """Contiguous grains in the file are one FileRange."""
+        return self._read(offset, count, self._data_range)
+
+    def _read(self, offset, count, read_data):
         pieces = []
         run_start = run_length = 0
         for n, state, where in self._runs(offset, count):
@@ -271,7 +280,7 @@ class SparseExtent(ExtentReader):
                 run_length += n
                 continue
             if run_length:
-                pieces.append(self._read_data(run_start, run_length))
+                pieces.append(read_data(run_start, run_length))
                 run_length = 0
             if state is DATA:
                 run_start, run_length = where, n
@@ -280,14 +289,23 @@ class SparseExtent(ExtentReader):
             else:
                 pieces.append((n, state))
         if run_length:
-            pieces.append(self._read_data(run_start, run_length))
+            pieces.append(read_data(run_start, run_length))
         return pieces
 
     def _read_data(self, where, length):
+        self._check_grown(where, length)
+        return (length, pread_exact(self.fd, length, where, self.path))
+
+    def _data_range(self, where, length):
+        self._check_grown(where, length)
+        if where + length > self.file_bytes:
+            raise truncated_error(self.path, length, where)
+        return (length, FileRange(self.fd, where, length))
+
+    def _check_grown(self, where, length):
         if where + length > self.file_bytes:
             # Another connection may have grown the file since we looked.
             self.file_bytes = file_size(self.fd)
-        return (length, pread_exact(self.fd, length, where, self.path))
 
     # --- writing -------------------------------------------------------------
     def _set_unclean(self, value):
