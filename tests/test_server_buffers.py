@@ -83,3 +83,21 @@ def test_reused_buffers_write_the_right_bytes(tmp_path, start_server):
     with open(str(tmp_path / "d-flat.bin"), "rb") as f:
         assert f.read(12 * WRITE) == b"".join(blocks)
     assert os.path.getsize(str(tmp_path / "d-flat.bin")) == SIZE
+
+
+def test_unix_sockets_get_a_larger_send_buffer():
+    import socket
+    from vddktool import server
+    left, right = socket.socketpair()
+    try:
+        before = left.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        server._enlarge_send_buffer(left)
+        after = left.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        with open("/proc/sys/net/core/wmem_max") as f:
+            cap = int(f.read())
+        # Linux doubles what it is asked for, within wmem_max.
+        assert after == 2 * min(server._UNIX_SEND_BUFFER, cap)
+        assert after >= before
+    finally:
+        left.close()
+        right.close()

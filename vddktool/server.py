@@ -31,6 +31,9 @@ from .engine import (FUA_EMULATE, FUA_NATIVE, MAX_REQUEST_SIZE, PARALLEL,
 # Buffers per sendmsg/writev call, well under Linux's IOV_MAX of 1024.
 _MAX_IOVECS = 512
 
+# Asked for (the kernel doubles it, and caps it at net.core.wmem_max).
+_UNIX_SEND_BUFFER = 1024 * 1024
+
 # Errors of sendfile(2) that mean the client went away, not the file.
 _CLIENT_GONE = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN,
                           errno.ESHUTDOWN))
@@ -247,6 +250,18 @@ class _PipeChannel(object):
         pass  # stdin/stdout belong to the process
 
 
+def _enlarge_send_buffer(sock):
+    """A Unix socket's only buffer is the sender's (TCP sizes its own):
+    room for a few replies lets the thread go on to the next request while
+    the client drains the last one."""
+    if sock.family == socket.AF_UNIX:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                            _UNIX_SEND_BUFFER)
+        except OSError:
+            pass
+
+
 def _stdio_channel(read_fd, write_fd, stop_fd):
     """A socket channel when both descriptors are the same socket (inetd,
     libnbd's connect_command), else a pipe channel."""
@@ -261,6 +276,7 @@ def _stdio_channel(read_fd, write_fd, stop_fd):
             probe.close()
         sock = socket.fromfd(read_fd, family, socket.SOCK_STREAM)
         sock.setblocking(True)
+        _enlarge_send_buffer(sock)
         return _SocketChannel(sock)
     return _PipeChannel(read_fd, write_fd, stop_fd)
 
@@ -847,6 +863,7 @@ class _NbdHandler(socketserver.BaseRequestHandler):
     def handle(self):
         sock = self.request
         sock.setblocking(True)
+        _enlarge_send_buffer(sock)
         nbd_server = self.server.nbd_server
         peer = "connection %d (%s)" % (nbd_server._next_connection_number(),
                                        self.client_address or "unix socket")
