@@ -310,3 +310,25 @@ def test_normalized_extents_are_what_clients_accept(runs, offset, count,
                      if e.offset <= probe < e.offset + e.length]
             assert owner and owner[0].flags & 3 == flags
         pos += length
+
+
+# ---------------------------------------------------------------------------
+# block sizes
+
+
+def is_power_of_two(n):
+    return n > 0 and n & (n - 1) == 0
+
+
+@given(st.integers(0, 1 << 50), st.integers(0, 1 << 33),
+       st.integers(0, 1 << 33), st.integers(0, 1 << 33))
+def test_advertised_block_sizes_follow_the_spec(size, minimum, preferred,
+                                                maximum):
+    # Whatever an engine answers, what goes out must satisfy the rules
+    # qemu enforces by hanging up.
+    low, mid, high = nbd.clamp_block_size(size, minimum, preferred, maximum)
+    assert is_power_of_two(low) and low <= 64 * 1024
+    assert size % low == 0
+    assert is_power_of_two(mid) and mid >= max(low, 512)
+    assert mid <= high <= nbd.MAX_REQUEST_SIZE
+    assert high % low == 0
