@@ -768,3 +768,20 @@ def test_validation_of_random_requests_always_gives_an_nbd_errno():
             rng.getrandbits(16), rng.getrandbits(64), rng.getrandbits(32),
             lim)
         assert result in known
+
+
+# ---------------------------------------------------------------------------
+# sans-IO
+
+
+def test_the_protocol_module_does_no_io():
+    # Importing it, with what it imports, must pull in nothing that talks
+    # to the network: it is fed bytes and hands bytes back.
+    import subprocess
+    import sys
+    from conftest import ROOT
+    probe = ("import sys, vddktool.protocol\n"
+             "print(sorted(m for m in ('socket', 'socketserver', 'select', "
+             "'selectors', 'ssl') if m in sys.modules))\n")
+    out = subprocess.check_output([sys.executable, "-c", probe], cwd=ROOT)
+    assert out.decode().strip() == "[]"
