@@ -310,6 +310,8 @@ class _LeaderFollowers(object):
     QUIET_SECONDS = 1.0
     # How long after the last stall the disk still counts as slow.
     SLOW_MEMORY_SECONDS = 1.0
+    # The standby's naps grow to this many patiences while nothing stalls.
+    LONGEST_NAP = 8
 
     def __init__(self, read, execute, deliver, size, patience):
         self._read = read
@@ -327,6 +329,7 @@ class _LeaderFollowers(object):
         self._waiting = 0          # threads in _follow, standby included
         self._standby = None
         self._standby_asleep = False
+        self._nap = patience
         self._ended = False
 
     def run(self):
@@ -440,19 +443,24 @@ class _LeaderFollowers(object):
     def _stand_by(self):
         """One nap of the standby; True when it should take over."""
         now = monotonic()
+        remaining = 0.0
         if self._busy_since is not None:
-            stalled = now - self._busy_since
-            if stalled >= self._patience:
+            remaining = self._patience - (now - self._busy_since)
+            if remaining <= 0:
                 self._busy_since = None
                 self._last_stall = now
+                self._nap = self._patience
                 return True
-            self._changed.wait(self._patience - stalled)
-        elif now - self._last_request < self.QUIET_SECONDS:
-            self._changed.wait(self._patience)
-        else:
+        elif now - self._last_request >= self.QUIET_SECONDS:
             self._standby_asleep = True
             self._changed.wait()
             self._standby_asleep = False
+            return False
+        # Each nap wakes a thread, which under the GIL costs the leader
+        # too: while nothing stalls, the naps grow (a stall is then seen
+        # a little late, and the disk deemed slow from then on).
+        self._changed.wait(max(remaining, self._nap))
+        self._nap = min(2 * self._nap, self.LONGEST_NAP * self._patience)
         return False
 
 
