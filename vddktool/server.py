@@ -293,10 +293,11 @@ class _LeaderFollowers(object):
     over reading, and another thread, up to ``size``, becomes the next
     standby.  The old leader sends its reply, then waits as a follower.
 
-    After such a stall, and for as long as requests keep stalling, the
-    disk is deemed slow: the leader then hands reading to a waiting
-    thread as soon as it has a request, so up to ``size`` slow requests
-    run at once without each waiting ``patience`` first.
+    When many recent requests stalled (not the odd one: a page-cache
+    write now and then waits for writeback), the disk is deemed slow: the
+    leader then hands reading to a waiting thread as soon as it has a
+    request, so up to ``size`` slow requests run at once without each
+    waiting ``patience`` first.
 
     Time spent sending never counts: a leader blocked on the socket means
     the client is the bottleneck, which more threads would not help.
@@ -308,8 +309,10 @@ class _LeaderFollowers(object):
     # Once the connection has been quiet this long, the standby stops
     # napping and sleeps until the leader next starts a request.
     QUIET_SECONDS = 1.0
-    # How long after the last stall the disk still counts as slow.
-    SLOW_MEMORY_SECONDS = 1.0
+    # The share of stalls among recent requests (a moving average, each
+    # request weighing STALL_WEIGHT) above which the disk counts as slow.
+    SLOW_STALL_SHARE = 0.25
+    STALL_WEIGHT = 0.125
     # The standby's naps grow to this many patiences while nothing stalls.
     LONGEST_NAP = 8
 
@@ -325,7 +328,7 @@ class _LeaderFollowers(object):
         self._leader = None        # the thread reading, or None
         self._busy_since = None    # when the leader started executing
         self._last_request = monotonic()
-        self._last_stall = -self.SLOW_MEMORY_SECONDS
+        self._stall_share = 0.0
         self._waiting = 0          # threads in _follow, standby included
         self._standby = None
         self._standby_asleep = False
@@ -369,7 +372,7 @@ class _LeaderFollowers(object):
                     self._end()
                     return
                 started = self._last_request = monotonic()
-                if started - self._last_stall < self.SLOW_MEMORY_SECONDS:
+                if self._stall_share >= self.SLOW_STALL_SHARE:
                     self._hand_over()
                 if self._leader is me:
                     self._busy_since = started
@@ -388,11 +391,16 @@ class _LeaderFollowers(object):
                     replaced = self._leader is not me
                     if not replaced:
                         self._busy_since = None
-                    if monotonic() - started >= self._patience:
-                        self._last_stall = monotonic()
+                    self._note(monotonic() - started >= self._patience)
             deliver(reply)
             if replaced:
                 return
+
+    def _note(self, stalled):
+        """Count a request, stalled or not (a stall counts when seen and
+        again when its request ends)."""
+        self._stall_share += self.STALL_WEIGHT * (stalled -
+                                                  self._stall_share)
 
     def _hand_over(self):
         """Let another thread read the next request while this one runs
@@ -448,7 +456,7 @@ class _LeaderFollowers(object):
             remaining = self._patience - (now - self._busy_since)
             if remaining <= 0:
                 self._busy_since = None
-                self._last_stall = now
+                self._note(True)
                 self._nap = self._patience
                 return True
         elif now - self._last_request >= self.QUIET_SECONDS:
