@@ -184,7 +184,7 @@ def test_client_hanging_up_mid_reply_does_not_kill_the_server(
         flat_disk, start_server):
     path, contents = flat_disk
     server = start_server("-r", path)
-    for _ in range(3):
+    for _ in range(5):
         client = RawClient.unix(server.sock)
         kernel_style_go(client)
         # Far more than a socket buffer holds: the server is still writing
