@@ -152,3 +152,19 @@ def test_remote_is_told_by_any_remote_parameter():
     assert params.is_remote({"export": "*"})
     assert params.is_remote({"user": "root", "file": "[ds] a/a.vmdk"})
     assert not params.is_remote({"file": "/x.vmdk", "transports": "file"})
+
+
+def test_password_dash_word_is_refused_not_taken_literally():
+    with pytest.raises(UsageError) as e:
+        params.parse_assignment("password", "-bad")
+    assert str(e.value).startswith("password: '***'")
+    assert "-FD" in str(e.value) and "bad" not in str(e.value)
+
+
+def test_a_fifo_is_not_a_disk(tmp_path):
+    fifo = str(tmp_path / "disk.vmdk")
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError) as e:
+        params.check_disk(dict(params.defaults(), file=fifo))
+    assert str(e.value) == ("file: %s is not a regular file (name the .vmdk "
+                            "descriptor file)" % fifo)

@@ -156,7 +156,11 @@ def read_password(text, interactive_prompt="Password: "):
             raise ValueError("cannot read password file %s: %s"
                              % (path, e.strerror))
         return Secret(_strip_newline(data).decode("utf-8", "replace"))
-    if text.startswith("-") and text[1:].isdigit():
+    if text.startswith("-"):
+        if not text[1:].isdigit():
+            raise ValueError("starts with - but is not -FD (use - to be "
+                             "asked, -FD for a file descriptor number, or "
+                             "+FILENAME)")
         fd = int(text[1:])
         if fd <= 2:
             raise ValueError("file descriptor %d is one of stdin, stdout or "
@@ -329,4 +333,8 @@ def check_disk(values):
                          % path)
     elif os.path.isdir(path):
         raise UsageError("file: %s is a directory (name the .vmdk "
+                         "descriptor file)" % path)
+    elif not os.path.isfile(path):
+        # A FIFO or device would block or mislead the VMDK parser.
+        raise UsageError("file: %s is not a regular file (name the .vmdk "
                          "descriptor file)" % path)
