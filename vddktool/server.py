@@ -26,7 +26,8 @@ from time import monotonic
 from . import log
 from . import protocol as nbd
 from .engine import (FUA_EMULATE, FUA_NATIVE, MAX_REQUEST_SIZE, PARALLEL,
-                     EngineError, FileRange, SerializedEngine, errno_of)
+                     EngineError, FileRange, SerializedEngine, errno_of,
+                     in_memory)
 
 # Buffers per sendmsg/writev call, well under Linux's IOV_MAX of 1024.
 _MAX_IOVECS = 512
@@ -773,8 +774,8 @@ class _Connection(object):
                 continue
             if len(data) != size:
                 raise EngineError(errno.EIO, "short read from the disk")
-            if not zero_copy and type(data) is FileRange:
-                data = data.read()
+            if not zero_copy:
+                data = in_memory(data)
             reply.append(nbd.offset_data_header(cookie, start, size, done))
             reply.append(data)
         return reply
