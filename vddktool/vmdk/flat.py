@@ -64,6 +64,8 @@ def pwrite_all(fd, data, offset, path):
     view = memoryview(data)
     while len(view):
         n = os.pwrite(fd, view, offset)
+        if n == len(view):
+            return  # the usual case: no slicing
         if n <= 0:
             raise VmdkError("%s: short write at byte %d" % (path, offset))
         view = view[n:]
