@@ -578,7 +578,8 @@ class _Connection(object):
         # accept_tls(), send the ACK, wrap self.channel's socket with an
         # ssl.SSLContext (the channel's read buffer must be empty: bytes
         # after STARTTLS belong to the TLS handshake), then
-        # handshake.tls_started().
+        # handshake.tls_started().  A TLS channel has zero_copy False:
+        # sendfile would bypass the encryption.
         handshake.refuse_tls("TLS is not implemented in this version")
 
     def _answer_export(self, handshake, request):
