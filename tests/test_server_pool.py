@@ -115,3 +115,22 @@ def test_once_the_disk_stalls_slow_requests_run_side_by_side():
     # Side by side: one patience plus a request, about 0.7 s.
     assert elapsed < 1.5
     assert recorder.most_concurrent >= 8
+
+
+def test_a_read_failing_on_another_thread_reaches_the_caller():
+    """The client may hang up while a worker thread leads: the error is
+    raised by run() in the connection's thread, not lost in the worker."""
+    recorder = Recorder([], {"slow": 0.3})
+    calls = []
+
+    def read():
+        calls.append(threading.current_thread())
+        if len(calls) == 1:
+            return "slow"
+        raise ConnectionResetError("connection reset by peer")
+    loop = _LeaderFollowers(read, recorder.execute, recorder.deliver, 4,
+                            0.005)
+    with pytest.raises(ConnectionResetError):
+        loop.run()
+    assert calls[1] is not threading.current_thread()
+    assert recorder.delivered == ["slow"]

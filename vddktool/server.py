@@ -335,9 +335,12 @@ class _LeaderFollowers(object):
         self._standby_asleep = False
         self._nap = patience
         self._ended = False
+        self._failure = None
 
     def run(self):
-        """Serve until the end of the stream and every request is done."""
+        """Serve until the end of the stream and every request is done.
+        Whatever a thread raised (the client hung up...) is raised here,
+        in the caller's thread."""
         try:
             self._serve()
         finally:
@@ -346,6 +349,8 @@ class _LeaderFollowers(object):
                 threads = list(self._threads)
             for thread in threads:
                 thread.join()
+        if self._failure is not None:
+            raise self._failure
 
     def _end(self):
         self._ended = True
@@ -358,10 +363,12 @@ class _LeaderFollowers(object):
             counted = False
             try:
                 self._lead(me)
-            except BaseException:
+            except BaseException as exc:
                 with self._lock:
+                    if self._failure is None:
+                        self._failure = exc
                     self._end()
-                raise
+                return
 
     def _lead(self, me):
         read, execute, deliver = self._read, self._execute, self._deliver
