@@ -490,3 +490,13 @@ def test_server_stopped_first_still_exits_with_the_commands_status(disk):
     proc = vddktool("-U", "-", disk, "--run",
                     "kill -TERM $PPID; sleep 0.5; exit 7", check=False)
     assert proc.returncode == 7
+
+
+def test_unix_socket_appears_only_once_listening(start_server, disk, tmp_path):
+    """The socket is bound under a temporary name and renamed after
+    listen(), so no staging name is left and the final path connects."""
+    server = start_server(disk)
+    names = sorted(os.listdir(str(tmp_path)))
+    assert not [n for n in names if n.endswith("~")], names
+    assert os.path.basename(server.sock) in names
+    run(["nbdinfo", "--size", server.uri])

@@ -136,11 +136,21 @@ def listen_unix(path):
         path = os.path.abspath(path)
         _remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Bound under a temporary name and renamed once listening, so a client
+    # that sees the path can connect: never "connection refused" between
+    # bind() and listen().  (Too long a path for the suffix: bind directly.)
+    staging = "%s.%d~" % (path, os.getpid())
+    if len(os.fsencode(staging)) >= 108:
+        staging = path
     try:
-        sock.bind(path)
+        sock.bind(staging)
         sock.listen(128)
+        if staging != path:
+            os.rename(staging, path)
     except OSError as e:
         sock.close()
+        if staging != path and os.path.lexists(staging):
+            os.unlink(staging)
         if listeners.private_dir:
             shutil.rmtree(listeners.private_dir, ignore_errors=True)
         raise UsageError("-U: cannot listen on %s: %s (choose a path in a "
