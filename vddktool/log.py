@@ -7,7 +7,6 @@ stderr, syslog or nothing.  Messages never contain secrets: callers pass
 """
 
 import os
-import sys
 import threading
 
 PROGRAM = "vddktool"
@@ -68,18 +67,6 @@ def warning(fmt, *args):
     _emit("warning", fmt % args if args else fmt, 4)
 
 
-def info(fmt, *args):
-    """Shown only with -v, without the debug: prefix."""
-    if _state["verbose"]:
-        _emit("", fmt % args if args else fmt, 6)
-
-
 def debug(fmt, *args):
     if _state["verbose"]:
         _emit("debug", fmt % args if args else fmt, 7)
-
-
-def fatal(fmt, *args):
-    """Print one error line and exit 1 (for user mistakes)."""
-    error(fmt, *args)
-    sys.exit(1)
