@@ -14,63 +14,14 @@ server: above 1.0 means vddktool is faster.
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MiB = 1024 * 1024
-CLIENT_ENV = dict(os.environ, PATH="/usr/bin:/bin:" + os.environ["PATH"])
+from common import CLIENT_ENV, Served, convert, make_source
 
-
-def make_source(path, size_mib):
-    """Two thirds data, one third zeros, so sparse formats have holes."""
-    chunk = os.urandom(MiB)
-    with open(path, "wb") as f:
-        for i in range(size_mib):
-            f.write(bytes(MiB) if i % 3 == 2 else chunk[i:] + chunk[:i])
-
-
-def convert(source, target, subformat):
-    subprocess.check_call(["qemu-img", "convert", "-O", "vmdk", "-o",
-                           "subformat=" + subformat, source, target],
-                          env=CLIENT_ENV)
-
-
-def wait_for(path, proc, timeout=30):
-    deadline = time.time() + timeout
-    while not os.path.exists(path):
-        if proc.poll() is not None or time.time() > deadline:
-            raise SystemExit("server did not start: %r" % proc.args)
-        time.sleep(0.05)
-
-
-class Served(object):
-    """Run a server on a Unix socket for the life of a with-block."""
-
-    def __init__(self, argv, sock):
-        self.argv = argv
-        self.sock = sock
-
-    def __enter__(self):
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL,
-                                     env=CLIENT_ENV, cwd=ROOT)
-        wait_for(self.sock, self.proc)
-        return "nbd+unix:///?socket=" + self.sock
-
-    def __exit__(self, *exc):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
 
 
 def time_copy(uri, runs):
@@ -114,7 +65,7 @@ def main():
         for kind in ("sparse", "flat"):
             results = {}
             for name, argv in servers(kind, images[kind], flat_data, sock):
-                with Served(argv, sock) as uri:
+                with Served(name, argv, sock) as uri:
                     time_copy(uri, 1)   # warm the page cache
                     results[name] = args.size / time_copy(uri, args.runs)
             ours = results["vddktool"]

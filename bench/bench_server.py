@@ -24,72 +24,21 @@ and vddktool's ratio to each other server: above 1.0, vddktool is faster.
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MiB = 1024 * 1024
-CLIENT_ENV = dict(os.environ, PATH="/usr/bin:/bin:" + os.environ["PATH"])
+from common import CLIENT_ENV, MiB, Served, convert, make_source
+
+
 WORKLOADS = ("flat-read", "sparse-read", "write")
-
-
-def make_source(path, size_mib, sparse):
-    """Two thirds data, one third zeros (holes when ``sparse``)."""
-    chunk = os.urandom(MiB)
-    with open(path, "wb") as f:
-        for i in range(size_mib):
-            if i % 3 == 2:
-                if sparse:
-                    f.seek(MiB, os.SEEK_CUR)
-                else:
-                    f.write(bytes(MiB))
-            else:
-                f.write(chunk[i:] + chunk[:i])
-        f.truncate(size_mib * MiB)
-
-
-def convert(source, target, subformat):
-    subprocess.check_call(["qemu-img", "convert", "-O", "vmdk", "-o",
-                           "subformat=" + subformat, source, target],
-                          env=CLIENT_ENV)
 
 
 def preallocate(path, size_mib):
     with open(path, "wb") as f:
         os.posix_fallocate(f.fileno(), 0, size_mib * MiB)
-
-
-class Served(object):
-    """A server on a Unix socket, stopped by stop()."""
-
-    def __init__(self, name, argv, sock):
-        self.name = name
-        self.sock = sock
-        self.uri = "nbd+unix:///?socket=" + sock
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL,
-                                     env=CLIENT_ENV, cwd=ROOT)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sock):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit("%s did not start: %r" % (name, argv))
-            time.sleep(0.05)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
 
 
 def timed(argv):

@@ -1,0 +1,70 @@
+"""What the benchmarks share: paths, the client environment, test data,
+and a server process on a Unix socket."""
+
+import os
+import signal
+import subprocess
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MiB = 1024 * 1024
+# Debian's NBD clients and servers, ahead of pyenv's shims.
+CLIENT_ENV = dict(os.environ, PATH="/usr/bin:/bin:" + os.environ["PATH"])
+
+
+def make_source(path, size_mib, sparse=False):
+    """Two thirds data, one third zeros (holes when ``sparse``), so sparse
+    formats have something to skip."""
+    chunk = os.urandom(MiB)
+    with open(path, "wb") as f:
+        for i in range(size_mib):
+            if i % 3 == 2:
+                if sparse:
+                    f.seek(MiB, os.SEEK_CUR)
+                else:
+                    f.write(bytes(MiB))
+            else:
+                f.write(chunk[i:] + chunk[:i])
+        f.truncate(size_mib * MiB)
+
+
+def convert(source, target, subformat):
+    subprocess.check_call(["qemu-img", "convert", "-O", "vmdk", "-o",
+                           "subformat=" + subformat, source, target],
+                          env=CLIENT_ENV)
+
+
+class Served(object):
+    """A server started on a Unix socket; stop() (or leaving a with-block)
+    ends it and removes the socket."""
+
+    def __init__(self, name, argv, sock):
+        self.name = name
+        self.sock = sock
+        self.uri = "nbd+unix:///?socket=" + sock
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL,
+                                     env=CLIENT_ENV, cwd=ROOT)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise SystemExit("%s did not start: %r" % (self.name, argv))
+            time.sleep(0.05)
+
+    def __enter__(self):
+        return self.uri
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
