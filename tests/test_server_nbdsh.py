@@ -3,6 +3,8 @@
 import json
 import sys
 
+import pytest
+
 import rawserver
 from rawserver import make_disk, nbdsh, raw_server  # noqa: F401 (fixture)
 
@@ -156,9 +158,15 @@ print(json.dumps(done))
     assert result == ["fast", "slow"]
 
 
-def test_structured_read_error_becomes_an_error_chunk(raw_server):
+@pytest.mark.parametrize("structured", [True, False],
+                         ids=["error-chunk", "simple-reply"])
+def test_read_error_is_reported_and_the_connection_lives(raw_server,
+                                                          structured):
+    """Structured replies carry the error in an error chunk; simple replies
+    in the reply header (data is read before anything is sent)."""
     server = raw_server("--ram", str(1 << 20), "--fail-read", "8192")
     result = nbdsh_json("""
+h.set_request_structured_replies(%r)
 h.connect_uri(%r)
 try:
     h.pread(4096, 8192)
@@ -166,27 +174,9 @@ try:
 except nbd.Error as e:
     first = e.errno
 after = len(h.pread(4096, 0))
-print(json.dumps([first, after,
-                                h.get_structured_replies_negotiated()]))
-""" % server.uri)
-    assert result == ["EIO", 4096, True]
-
-
-def test_simple_read_error_is_reported(raw_server):
-    server = raw_server("--ram", str(1 << 20), "--fail-read", "8192")
-    result = nbdsh_json("""
-h.set_request_structured_replies(False)
-h.connect_uri(%r)
-try:
-    h.pread(4096, 8192)
-    first = "ok"
-except nbd.Error as e:
-    first = e.errno
-after = len(h.pread(4096, 0))
-print(json.dumps([first, after,
-                                h.get_structured_replies_negotiated()]))
-""" % server.uri)
-    assert result == ["EIO", 4096, False]
+print(json.dumps([first, after, h.get_structured_replies_negotiated()]))
+""" % (structured, server.uri))
+    assert result == ["EIO", 4096, structured]
 
 
 def test_write_error_is_reported(raw_server):
