@@ -124,6 +124,14 @@ def start_server(tmp_path):
         server.stop()
 
 
+def free_tcp_port():
+    """A loopback port that was free a moment ago (tests that need TCP)."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def need(tool):
     """Fail (not skip) when a client the tests rely on is missing: .ci/run
     installs them all, so a missing one is a set-up bug to see."""

@@ -3,11 +3,10 @@ nbdcopy, qemu-img and qemu-io over Unix sockets and TCP."""
 
 import json
 import os
-import socket
 
 import pytest
 
-from conftest import need, run, vddktool
+from conftest import free_tcp_port, need, run, vddktool
 
 DISK_SIZE = 8 * 1024 * 1024
 MIB = 1024 * 1024
@@ -46,12 +45,6 @@ def vmdk(request, tmp_path):
 @pytest.fixture
 def sparse_vmdk(tmp_path):
     return make_vmdk(str(tmp_path / "sparse.vmdk"), "monolithicSparse")
-
-
-def free_tcp_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def read_file(path):

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from conftest import CLIENT_ENV, ROOT, need, run, vddktool, vddktool_cmd
+from conftest import (CLIENT_ENV, ROOT, free_tcp_port, need, run, vddktool,
+                      vddktool_cmd)
 from vddktool import lifecycle
 
 DISK_SIZE = 4 * 1024 * 1024
@@ -25,12 +26,6 @@ def disk(tmp_path):
     run(["qemu-img", "create", "-q", "-f", "vmdk", "-o",
          "subformat=monolithicFlat", path, str(DISK_SIZE)])
     return path
-
-
-def free_tcp_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until(predicate, timeout=20, what="condition"):
