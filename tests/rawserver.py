@@ -108,7 +108,7 @@ def build_backend(options):
                     raise engine.EngineError(
                         errno.EIO, "injected %s error at %d" % (what, bad))
 
-        def pread(self, count, offset):
+        def pread(self, count, offset, flags=0):
             self._check(failing_reads, count, offset, "read")
             for at, seconds in delays.items():
                 if offset <= at < offset + count:
@@ -117,9 +117,9 @@ def build_backend(options):
                 return memoryview(self.ram)[offset:offset + count]
             return os.pread(self.fd, count, offset)
 
-        def pread_sparse(self, count, offset):
+        def pread_sparse(self, count, offset, flags=0):
             if not options.sparse:
-                return super().pread_sparse(count, offset)
+                return super().pread_sparse(count, offset, flags)
             pieces = []
             for extent in self.extents(count, offset):
                 if extent.flags & engine.EXTENT_HOLE:
@@ -135,7 +135,8 @@ def build_backend(options):
             if options.log_calls:
                 log.warning("call: " + fmt, *args)
 
-        def pwrite(self, buf, offset, fua=False):
+        def pwrite(self, buf, offset, flags=0):
+            fua = bool(flags & engine.FLAG_FUA)
             self._note("pwrite %d %d fua=%s", len(buf), offset, fua)
             self._check(failing_writes, len(buf), offset, "write")
             if self.ram is not None:
@@ -145,21 +146,23 @@ def build_backend(options):
             if fua:
                 self.flush()
 
-        def flush(self):
+        def flush(self, flags=0):
             self._note("flush")
             self.flushes += 1
             if self.fd is not None:
                 os.fdatasync(self.fd)
 
-        def trim(self, count, offset, fua=False):
+        def trim(self, count, offset, flags=0):
+            fua = bool(flags & engine.FLAG_FUA)
             self._note("trim %d %d fua=%s", count, offset, fua)
             self._fill_zeros(count, offset)
             if fua:
                 self.flush()
 
-        def zero(self, count, offset, may_trim=False, fua=False):
+        def zero(self, count, offset, flags=0):
+            fua = bool(flags & engine.FLAG_FUA)
             self._note("zero %d %d may_trim=%s fua=%s", count, offset,
-                       may_trim, fua)
+                       bool(flags & engine.FLAG_MAY_TRIM), fua)
             self._fill_zeros(count, offset)
             if fua:
                 self.flush()
@@ -170,7 +173,7 @@ def build_backend(options):
             else:
                 os.pwrite(self.fd, bytes(count), offset)
 
-        def extents(self, count, offset, req_one=False):
+        def extents(self, count, offset, flags=0):
             if self.fd is None:
                 return [engine.Extent(offset, count, 0)]
             end = offset + count

@@ -22,10 +22,10 @@ class _KeepingEngine(Engine):
     def can_write(self):
         return True
 
-    def pread(self, count, offset):
+    def pread(self, count, offset, flags=0):
         return bytes(count)
 
-    def pwrite(self, buf, offset, fua=False):
+    def pwrite(self, buf, offset, flags=0):
         self.kept.append((offset, buf))
 
 
@@ -87,16 +87,16 @@ def test_reused_buffers_write_the_right_bytes(tmp_path, start_server):
 
 def test_unix_sockets_get_a_larger_send_buffer():
     import socket
-    from vddktool import server
+    from vddktool.server import channels
     left, right = socket.socketpair()
     try:
         before = left.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        server._enlarge_send_buffer(left)
+        channels.enlarge_send_buffer(left)
         after = left.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         with open("/proc/sys/net/core/wmem_max") as f:
             cap = int(f.read())
         # Linux doubles what it is asked for, within wmem_max.
-        assert after == 2 * min(server._UNIX_SEND_BUFFER, cap)
+        assert after == 2 * min(channels.UNIX_SEND_BUFFER, cap)
         assert after >= before
     finally:
         left.close()

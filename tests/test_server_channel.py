@@ -4,7 +4,7 @@ import os
 import socket
 import threading
 
-from vddktool.server import _PipeChannel, _SocketChannel, _stdio_channel
+from vddktool.server.channels import PipeChannel, SocketChannel, stdio_channel
 
 
 def test_tcp_connections_turn_off_nagle():
@@ -14,7 +14,7 @@ def test_tcp_connections_turn_off_nagle():
     client = socket.create_connection(listener.getsockname())
     accepted, _ = listener.accept()
     try:
-        _SocketChannel(accepted)
+        SocketChannel(accepted)
         assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         for sock in (client, accepted, listener):
@@ -43,7 +43,7 @@ class ShortWriter(object):
 
 def test_partial_sendmsg_is_completed_in_order():
     sock = ShortWriter()
-    _SocketChannel(sock).send([b"header", bytearray(b"payload"),
+    SocketChannel(sock).send([b"header", bytearray(b"payload"),
                                memoryview(b"tail")])
     assert bytes(sock.received) == b"headerpayloadtail"
 
@@ -52,11 +52,11 @@ def test_many_buffers_are_sent_in_batches():
     left, right = socket.socketpair()
     try:
         pieces = [bytes([i % 256]) * 3 for i in range(2000)]
-        sender = threading.Thread(target=_SocketChannel(left).send,
+        sender = threading.Thread(target=SocketChannel(left).send,
                                   args=(pieces,))
         sender.start()
         view = memoryview(bytearray(6000))
-        assert _SocketChannel(right).read_into(view)
+        assert SocketChannel(right).read_into(view)
         sender.join()
         assert view.tobytes() == b"".join(pieces)
     finally:
@@ -69,14 +69,14 @@ def test_socket_read_reports_end_of_stream():
     left.sendall(b"abc")
     left.close()
     try:
-        assert not _SocketChannel(right).read_into(memoryview(bytearray(4)))
+        assert not SocketChannel(right).read_into(memoryview(bytearray(4)))
     finally:
         right.close()
 
 
 def test_stop_reading_wakes_a_blocked_socket_reader():
     left, right = socket.socketpair()
-    channel = _SocketChannel(right)
+    channel = SocketChannel(right)
     result = []
     reader = threading.Thread(target=lambda: result.append(
         channel.read_into(memoryview(bytearray(28)))))
@@ -95,7 +95,7 @@ def test_pipe_channel_reads_writes_and_stops():
     from_server_r, from_server_w = os.pipe()
     stop_r, stop_w = os.pipe()
     try:
-        channel = _PipeChannel(to_server_r, from_server_w, stop_r)
+        channel = PipeChannel(to_server_r, from_server_w, stop_r)
         channel.send([b"abc", memoryview(b"def")])
         assert os.read(from_server_r, 10) == b"abcdef"
         os.write(to_server_w, b"12345")
@@ -113,8 +113,8 @@ def test_stdio_on_one_socket_uses_the_socket_channel():
     left, right = socket.socketpair()
     stop_r, stop_w = os.pipe()
     try:
-        channel = _stdio_channel(right.fileno(), right.fileno(), stop_r)
-        assert isinstance(channel, _SocketChannel)
+        channel = stdio_channel(right.fileno(), right.fileno(), stop_r)
+        assert isinstance(channel, SocketChannel)
         left.sendall(b"hi")
         view = memoryview(bytearray(2))
         assert channel.read_into(view) and view.tobytes() == b"hi"
@@ -129,8 +129,8 @@ def test_stdio_on_one_socket_uses_the_socket_channel():
 def test_stdio_on_pipes_uses_the_pipe_channel():
     read_fd, write_fd = os.pipe()
     try:
-        channel = _stdio_channel(read_fd, write_fd, write_fd)
-        assert isinstance(channel, _PipeChannel)
+        channel = stdio_channel(read_fd, write_fd, write_fd)
+        assert isinstance(channel, PipeChannel)
     finally:
         os.close(read_fd)
         os.close(write_fd)
@@ -142,7 +142,7 @@ def test_buffered_reads_split_a_burst_exactly():
         burst = os.urandom(28 * 3) + os.urandom(40000) + os.urandom(10)
         sender = threading.Thread(target=left.sendall, args=(burst,))
         sender.start()
-        channel = _SocketChannel(right)
+        channel = SocketChannel(right)
         out = []
         for size in (28, 28, 28, 40000, 10):
             view = memoryview(bytearray(size))
@@ -162,7 +162,7 @@ def test_end_of_stream_inside_a_buffered_read():
     left.sendall(b"x" * 20)
     left.close()
     try:
-        assert not _SocketChannel(right).read_into(
+        assert not SocketChannel(right).read_into(
             memoryview(bytearray(28)))
     finally:
         right.close()

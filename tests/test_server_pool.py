@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from vddktool.server import _LeaderFollowers
+from vddktool.server.dispatch import LeaderFollowers
 
 
 class Recorder(object):
@@ -42,7 +42,7 @@ class Recorder(object):
             self.delivered.append(reply)
 
     def loop(self, size, patience=0.005):
-        return _LeaderFollowers(self.read, self.execute, self.deliver, size,
+        return LeaderFollowers(self.read, self.execute, self.deliver, size,
                                 patience)
 
 
@@ -82,7 +82,7 @@ def test_stuck_requests_bring_in_up_to_size_threads():
 def test_reading_stops_while_every_thread_is_stuck():
     release = threading.Event()
     recorder = Recorder(range(10))
-    loop = _LeaderFollowers(recorder.read, lambda item: release.wait(),
+    loop = LeaderFollowers(recorder.read, lambda item: release.wait(),
                             recorder.deliver, 1, 0.005)
     runner = threading.Thread(target=loop.run)
     runner.start()
@@ -97,7 +97,7 @@ def test_reading_stops_while_every_thread_is_stuck():
 def test_a_failing_read_ends_the_loop_and_reaches_the_caller():
     def read():
         raise OSError("connection reset")
-    loop = _LeaderFollowers(read, lambda item: item, lambda reply: None, 4,
+    loop = LeaderFollowers(read, lambda item: item, lambda reply: None, 4,
                             0.005)
     with pytest.raises(OSError):
         loop.run()
@@ -128,7 +128,7 @@ def test_a_read_failing_on_another_thread_reaches_the_caller():
         if len(calls) == 1:
             return "slow"
         raise ConnectionResetError("connection reset by peer")
-    loop = _LeaderFollowers(read, recorder.execute, recorder.deliver, 4,
+    loop = LeaderFollowers(read, recorder.execute, recorder.deliver, 4,
                             0.005)
     with pytest.raises(ConnectionResetError):
         loop.run()

@@ -184,10 +184,10 @@ class _UnreadableEngine(Engine):
     def get_size(self):
         return 1024 * KiB
 
-    def pread(self, count, offset):
+    def pread(self, count, offset, flags=0):
         return bytes(count)
 
-    def pread_sparse(self, count, offset):
+    def pread_sparse(self, count, offset, flags=0):
         return [(offset, FileRange(self.fd, offset, count))]
 
 

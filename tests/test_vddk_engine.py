@@ -13,7 +13,7 @@ import pytest
 from fake_vddk.fixtures import (fake_vddk, load_helpers,  # noqa: F401
                                 make_fake_vddk)
 from vddktool import log, params
-from vddktool.engine import EXTENT_HOLE, EXTENT_ZERO, EngineError
+from vddktool.engine import EXTENT_HOLE, EXTENT_ZERO, FLAG_FUA, EngineError
 from vddktool.vddk import abi
 from vddktool.vddk.backend import COMPLETIONS, VddkBackend
 from vddktool.vddk.stats import STATS
@@ -69,7 +69,7 @@ def open_engine(backend_for):
     engines = []
 
     def make(fake, export_name="", readonly=False, **values):
-        engine = backend_for(fake, **values).open(export_name, readonly)
+        engine = backend_for(fake, **values).open_engine(export_name, readonly)
         engines.append(engine)
         return engine
 
@@ -116,7 +116,7 @@ def test_read_returns_the_disk_through_read_async(fake_vddk, open_engine):
 def test_write_with_fua_lands_and_flushes(fake_vddk, open_engine):
     disk = fake_vddk.local_disk(size=MiB)
     engine = open_engine(fake_vddk, file=disk)
-    engine.pwrite(bytearray(b"\xab" * 1024), 2048, fua=True)
+    engine.pwrite(bytearray(b"\xab" * 1024), 2048, FLAG_FUA)
     with open(disk, "rb") as f:
         f.seek(2048)
         assert f.read(1024) == b"\xab" * 1024

@@ -6,8 +6,8 @@ import errno
 import pytest
 
 from conftest import need, run
-from vddktool.engine import (EXTENT_HOLE, EXTENT_ZERO, EngineError, Extent,
-                             UsageError)
+from vddktool.engine import (EXTENT_HOLE, EXTENT_ZERO, FLAG_FUA, FLAG_REQ_ONE,
+                             EngineError, Extent, UsageError)
 from vddktool.params import defaults
 from vddktool.vmdk.backend import NativeBackend
 
@@ -113,14 +113,14 @@ def test_extents_flags_follow_the_grain_tables(served):
     assert engine.extents(4 * MiB, 0) == [
         Extent(0, MiB, HOLE_ZERO), Extent(MiB, 65536, 0),
         Extent(MiB + 65536, 3 * MiB - 65536, HOLE_ZERO)]
-    assert engine.extents(4 * MiB, 0, req_one=True) == [
+    assert engine.extents(4 * MiB, 0, FLAG_REQ_ONE) == [
         Extent(0, MiB, HOLE_ZERO)]
 
 
 def test_writes_with_fua_are_seen_by_another_connection(served):
-    one = served.open("", False)
-    two = served.open("other", False)
-    one.pwrite(b"\x42" * 4096, 8 * MiB, fua=True)
+    one = served.open_engine("", False)
+    two = served.open_engine("other", False)
+    one.pwrite(b"\x42" * 4096, 8 * MiB, FLAG_FUA)
     assert bytes(two.pread(4096, 8 * MiB)) == b"\x42" * 4096
     assert two.extents(65536, 8 * MiB)[0].flags == 0
     one.zero(4096, 8 * MiB)

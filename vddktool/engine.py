@@ -8,8 +8,10 @@ Two levels, after nbdkit's plugin API:
   daemonizing: start threads, load libraries), then ``open`` once per
   client connection, and ``cleanup`` at exit.
 * An ``Engine`` is one open disk, owned by one connection.  The server
-  only ever calls the methods below; filters wrap an engine and override
-  what they change (see ``FilterEngine``).
+  and filters open it with ``Backend.open_engine``, which puts an
+  ``EngineAdapter`` under it: the one place where what NBD asks and the
+  engine cannot do natively (FUA, fast zero) is emulated or refused.
+  Filters wrap an engine and override what they change (``FilterEngine``).
 
 All offsets and counts are in bytes.  The server has already checked that
 requests lie inside the disk and respect ``block_size()``.  Engines report
@@ -33,18 +35,35 @@ CACHE_NONE, CACHE_EMULATE, CACHE_NATIVE = 0, 1, 2
 EXTENT_HOLE = 1
 EXTENT_ZERO = 2
 
-# Thread models: may the server call one engine from several threads at once?
-PARALLEL = "parallel"
+# Flags on data calls, one word as in nbdkit (the server maps NBD's
+# command flags onto these; filters pass them down or change them).
+FLAG_MAY_TRIM = 1 << 0    # zero: punching a hole is allowed
+FLAG_FUA = 1 << 1         # pwrite, zero, trim: durable before returning
+FLAG_REQ_ONE = 1 << 2     # extents: one extent is enough
+FLAG_FAST_ZERO = 1 << 3   # zero: fail with ENOTSUP unless it is fast
+
+# Thread models, strictest first: may the server call one engine from
+# several threads at once?  A stack takes the strictest of its layers.
 SERIALIZE_REQUESTS = "serialize_requests"
+PARALLEL = "parallel"
+THREAD_MODELS = (SERIALIZE_REQUESTS, PARALLEL)
+
+
+def stricter(model, other):
+    """The stricter of two thread models."""
+    return min(model, other, key=THREAD_MODELS.index)
 
 
 class EngineError(Exception):
-    """A request failed; ``errno`` is what the NBD client is told."""
+    """A request failed; ``errno`` is what the NBD client is told.
+    ``expected`` marks an answer the protocol foresees (a fast zero that
+    cannot be fast), which the server does not log as a failure."""
 
-    def __init__(self, err, message):
+    def __init__(self, err, message, expected=False):
         super().__init__(message)
         self.errno = err
         self.message = message
+        self.expected = expected
 
     def __str__(self):
         return self.message
@@ -128,7 +147,9 @@ class Engine(object):
 
     The defaults describe a read-only disk with no extents; ``zero`` and
     ``cache`` have generic fallbacks so an engine need only implement
-    ``pread`` and ``get_size`` to be served.
+    ``pread`` and ``get_size`` to be served.  ``flags`` is a word of the
+    FLAG_* bits above; an engine never sees FLAG_FUA unless ``can_fua``
+    says FUA_NATIVE, nor FLAG_FAST_ZERO unless ``can_fast_zero``.
     """
 
     thread_model = PARALLEL
@@ -181,12 +202,17 @@ class Engine(object):
     def is_rotational(self):
         return False
 
+    def can_submit(self):
+        """True when submit_pread and submit_pwrite start a request and
+        return at once (see there)."""
+        return False
+
     # --- the data path ----------------------------------------------------
-    def pread(self, count, offset):
+    def pread(self, count, offset, flags=0):
         """Return exactly ``count`` bytes (bytes, bytearray or memoryview)."""
         raise NotImplementedError
 
-    def pread_sparse(self, count, offset):
+    def pread_sparse(self, count, offset, flags=0):
         """Like pread, but may say where holes are.
 
         Returns a list of ``(offset, data)`` pieces in order covering the
@@ -195,18 +221,18 @@ class Engine(object):
         ``in_memory(data)`` to get the bytes).  The server turns None
         pieces into OFFSET_HOLE chunks.
         """
-        return [(offset, self.pread(count, offset))]
+        return [(offset, self.pread(count, offset, flags))]
 
-    def pwrite(self, buf, offset, fua=False):
+    def pwrite(self, buf, offset, flags=0):
         raise EngineError(errno.EPERM, "this disk is read-only")
 
-    def flush(self):
+    def flush(self, flags=0):
         pass
 
-    def trim(self, count, offset, fua=False):
+    def trim(self, count, offset, flags=0):
         raise EngineError(errno.EINVAL, "trim is not supported")
 
-    def zero(self, count, offset, may_trim=False, fua=False):
+    def zero(self, count, offset, flags=0):
         """Make the range read as zeros.  The default writes zeros."""
         chunk = bytes(min(count, 1024 * 1024))
         view = memoryview(chunk)
@@ -215,15 +241,13 @@ class Engine(object):
             n = min(len(chunk), end - offset)
             self.pwrite(view[:n], offset)
             offset += n
-        if fua:
-            self.flush()
 
-    def extents(self, count, offset, req_one=False):
+    def extents(self, count, offset, flags=0):
         """Return a list of Extent starting at ``offset``, in order, covering
         at least one byte and at most ``count`` bytes (the server trims)."""
         return [Extent(offset, count, 0)]
 
-    def cache(self, count, offset):
+    def cache(self, count, offset, flags=0):
         """Prefetch the range.  The default reads it and throws it away."""
         step = 4 * 1024 * 1024
         end = offset + count
@@ -232,21 +256,62 @@ class Engine(object):
             self.pread(n, offset)
             offset += n
 
+    # --- asynchronous requests (only where can_submit() is true) ----------
+    #
+    # ``done(error, data)`` is called exactly once, from any thread, maybe
+    # before submit returns: error is None or an exception, data the bytes
+    # read (None for writes).  It never blocks, and the engine must not
+    # hold a lock the server could need while calling it.  A flush()
+    # covers every write whose done() has been called.
+    def submit_pread(self, count, offset, flags, done):
+        raise NotImplementedError
+
+    def submit_pwrite(self, buf, offset, flags, done):
+        raise NotImplementedError
+
     def close(self):
         pass
+
+
+_FORWARDED_CALLS = ("get_size", "block_size", "can_write", "can_flush",
+                    "can_fua", "can_trim", "can_zero", "can_fast_zero",
+                    "can_extents", "can_cache", "can_multi_conn",
+                    "is_rotational", "pwrite", "flush", "trim", "zero",
+                    "extents", "cache", "close")
 
 
 class FilterEngine(Engine):
     """An engine that passes everything to ``next`` unless overridden.
 
     Filters (--filter=NAME) subclass this; a filter changes one behaviour
-    and inherits the rest, so adding one touches nothing else.
+    and inherits the rest, so adding one touches nothing else.  Reads go
+    through the filter's own ``pread`` when it has one, so a filter that
+    overrides pread alone is never bypassed by the server's sparse or
+    asynchronous reads; one that leaves reads alone passes them through
+    untouched (file ranges, holes and all).
     """
+
+    # The class attributes are this filter's own needs; the instance's
+    # combine them with the layers below.
+    thread_model = PARALLEL
+    keeps_write_buffers = False
 
     def __init__(self, next_engine):
         self.next = next_engine
-        self.thread_model = next_engine.thread_model
+        cls = type(self)
+        self.thread_model = stricter(cls.thread_model,
+                                     next_engine.thread_model)
+        self.keeps_write_buffers = (cls.keeps_write_buffers or
+                                    next_engine.keeps_write_buffers)
+        for name in _FORWARDED_CALLS:
+            if not _overrides(cls, name):
+                # Bound straight to the layer below: no extra call per
+                # request for what the filter leaves alone.
+                setattr(self, name, getattr(next_engine, name))
+        self._own_reads = _overrides(cls, "pread")
 
+    # Forwarding bodies, for super() calls from filters (instances bind
+    # what they do not override straight to the layer below).
     def get_size(self):
         return self.next.get_size()
 
@@ -283,32 +348,85 @@ class FilterEngine(Engine):
     def is_rotational(self):
         return self.next.is_rotational()
 
-    def pread(self, count, offset):
-        return self.next.pread(count, offset)
+    def pwrite(self, buf, offset, flags=0):
+        return self.next.pwrite(buf, offset, flags)
 
-    def pread_sparse(self, count, offset):
-        return self.next.pread_sparse(count, offset)
+    def flush(self, flags=0):
+        return self.next.flush(flags)
 
-    def pwrite(self, buf, offset, fua=False):
-        return self.next.pwrite(buf, offset, fua)
+    def trim(self, count, offset, flags=0):
+        return self.next.trim(count, offset, flags)
 
-    def flush(self):
-        return self.next.flush()
+    def zero(self, count, offset, flags=0):
+        return self.next.zero(count, offset, flags)
 
-    def trim(self, count, offset, fua=False):
-        return self.next.trim(count, offset, fua)
+    def extents(self, count, offset, flags=0):
+        return self.next.extents(count, offset, flags)
 
-    def zero(self, count, offset, may_trim=False, fua=False):
-        return self.next.zero(count, offset, may_trim, fua)
-
-    def extents(self, count, offset, req_one=False):
-        return self.next.extents(count, offset, req_one)
-
-    def cache(self, count, offset):
-        return self.next.cache(count, offset)
+    def cache(self, count, offset, flags=0):
+        return self.next.cache(count, offset, flags)
 
     def close(self):
         return self.next.close()
+
+    def pread(self, count, offset, flags=0):
+        return self.next.pread(count, offset, flags)
+
+    def pread_sparse(self, count, offset, flags=0):
+        if self._own_reads:
+            return [(offset, self.pread(count, offset, flags))]
+        return self.next.pread_sparse(count, offset, flags)
+
+    def can_submit(self):
+        cls = type(self)
+        reads = not self._own_reads or _overrides(cls, "submit_pread")
+        writes = not _overrides(cls, "pwrite") or \
+            _overrides(cls, "submit_pwrite")
+        return reads and writes and self.next.can_submit()
+
+    def submit_pread(self, count, offset, flags, done):
+        self.next.submit_pread(count, offset, flags, done)
+
+    def submit_pwrite(self, buf, offset, flags, done):
+        self.next.submit_pwrite(buf, offset, flags, done)
+
+
+def _overrides(cls, name):
+    """Whether a FilterEngine subclass defines its own ``name``."""
+    return getattr(cls, name) is not getattr(FilterEngine, name)
+
+
+class EngineAdapter(FilterEngine):
+    """The bottom of every stack, directly above the engine: emulates FUA
+    with a flush where the engine cannot do it, and refuses a fast zero
+    the engine cannot promise, so neither engines nor filters need to."""
+
+    def __init__(self, next_engine):
+        super().__init__(next_engine)
+        self._fua = next_engine.can_fua()
+
+    def _with_fua(self, method, args, flags):
+        if flags & FLAG_FUA and self._fua != FUA_NATIVE:
+            method(*args, flags=flags & ~FLAG_FUA)
+            self.next.flush()
+        else:
+            method(*args, flags=flags)
+
+    def pwrite(self, buf, offset, flags=0):
+        self._with_fua(self.next.pwrite, (buf, offset), flags)
+
+    def trim(self, count, offset, flags=0):
+        self._with_fua(self.next.trim, (count, offset), flags)
+
+    def zero(self, count, offset, flags=0):
+        if flags & FLAG_FAST_ZERO:
+            if not self.next.can_fast_zero():
+                raise EngineError(errno.ENOTSUP, "zeroing is not fast here",
+                                  expected=True)
+        self._with_fua(self.next.zero, (count, offset), flags)
+
+    def can_submit(self):
+        return self.next.can_submit()
 
 
 class Backend(object):
@@ -344,6 +462,11 @@ class Backend(object):
         name this backend does not serve."""
         raise NotImplementedError
 
+    def open_engine(self, export_name, readonly):
+        """What the server and filters call: ``open`` with the adapter
+        under it.  Engines implement ``open``, never this."""
+        return EngineAdapter(self.open(export_name, readonly))
+
     def cleanup(self):
         """Called once at exit, after every connection has closed."""
 
@@ -354,12 +477,11 @@ class Backend(object):
 
 
 class SerializedEngine(FilterEngine):
-    """Wraps an engine whose thread model forbids concurrent calls."""
+    """Wraps a stack whose thread model forbids concurrent calls."""
 
     def __init__(self, next_engine):
         super().__init__(next_engine)
         self.thread_model = PARALLEL
-        self.keeps_write_buffers = next_engine.keeps_write_buffers
         self._lock = threading.Lock()
         for name in ("pread", "pread_sparse", "pwrite", "flush", "trim",
                      "zero", "extents", "cache"):
@@ -372,3 +494,6 @@ class SerializedEngine(FilterEngine):
             with lock:
                 return method(*args, **kwargs)
         return call
+
+    def can_submit(self):
+        return False

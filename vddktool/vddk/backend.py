@@ -13,7 +13,8 @@ import os
 import threading
 
 from .. import log, params as paramtable
-from ..engine import (EXTENT_HOLE, EXTENT_ZERO, FUA_EMULATE, MAX_REQUEST_SIZE,
+from ..engine import (EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, FUA_EMULATE,
+                      MAX_REQUEST_SIZE,
                       PARALLEL, Backend, Engine, EngineError, Extent,
                       UsageError)
 from . import abi
@@ -523,7 +524,7 @@ class VddkEngine(Engine):
         log.error("%s", error)
         return error
 
-    def pread(self, count, offset):
+    def pread(self, count, offset, flags=0):
         self._check_aligned(count, offset)
         buf = bytearray(count)
         if count:
@@ -531,7 +532,7 @@ class VddkEngine(Engine):
                            offset)
         return buf
 
-    def pwrite(self, buf, offset, fua=False):
+    def pwrite(self, buf, offset, flags=0):
         count = len(buf) if not isinstance(buf, memoryview) else buf.nbytes
         self._check_aligned(count, offset)
         if self.readonly:
@@ -539,10 +540,8 @@ class VddkEngine(Engine):
         if count:
             self._transfer("WriteAsync", _writable_array(buf, count), count,
                            offset)
-        if fua:
-            self.flush()
 
-    def flush(self):
+    def flush(self, flags=0):
         try:
             # Flush only covers writes VDDK has been handed, so let the
             # queued ones land first.
@@ -598,7 +597,8 @@ class VddkEngine(Engine):
                 break
         return runs
 
-    def extents(self, count, offset, req_one=False):
+    def extents(self, count, offset, flags=0):
+        req_one = flags & FLAG_REQ_ONE
         end_byte = min(offset + count, self.get_size())
         # QueryAllocatedBlocks only takes whole chunks, and the disk may
         # end in a partial one: that tail is reported as data.

@@ -10,9 +10,9 @@ import threading
 
 from .. import log
 from ..params import check_disk
-from ..engine import (CACHE_EMULATE, MAX_REQUEST_SIZE, Backend, Engine,
-                      EngineError, EXTENT_HOLE, EXTENT_ZERO, Extent,
-                      UsageError)
+from ..engine import (CACHE_EMULATE, FLAG_MAY_TRIM, FLAG_REQ_ONE,
+                      MAX_REQUEST_SIZE, Backend, Engine, EngineError,
+                      EXTENT_HOLE, EXTENT_ZERO, Extent, UsageError)
 from .disk import Disk
 from .extent import DATA, VmdkError
 
@@ -65,52 +65,47 @@ class NativeEngine(Engine):
         # forwards-only writer must not invite parallel copies.
         return not (self.can_write() and self.disk.sequential_writes_only)
 
-    def pread(self, count, offset):
+    def pread(self, count, offset, flags=0):
         try:
             return self.disk.read_bytes(offset, count)
         except VmdkError as e:
             raise _engine_error(e)
 
-    def pread_sparse(self, count, offset):
+    def pread_sparse(self, count, offset, flags=0):
         try:
             return self.disk.read(offset, count, file_ranges=True)
         except VmdkError as e:
             raise _engine_error(e)
 
-    def pwrite(self, buf, offset, fua=False):
+    def pwrite(self, buf, offset, flags=0):
         self._check_writable()
         try:
             self.disk.write(offset, buf)
-            if fua:
-                self.disk.flush()
         except VmdkError as e:
             raise _engine_error(e)
 
-    def zero(self, count, offset, may_trim=False, fua=False):
+    def zero(self, count, offset, flags=0):
         self._check_writable()
         try:
-            self.disk.zero(offset, count, may_trim)
-            if fua:
-                self.disk.flush()
+            self.disk.zero(offset, count, bool(flags & FLAG_MAY_TRIM))
         except VmdkError as e:
             raise _engine_error(e)
 
-    def trim(self, count, offset, fua=False):
+    def trim(self, count, offset, flags=0):
         self._check_writable()
         try:
             self.disk.trim(offset, count)
-            if fua:
-                self.disk.flush()
         except VmdkError as e:
             raise _engine_error(e)
 
-    def flush(self):
+    def flush(self, flags=0):
         try:
             self.disk.flush()
         except VmdkError as e:
             raise _engine_error(e)
 
-    def extents(self, count, offset, req_one=False):
+    def extents(self, count, offset, flags=0):
+        req_one = flags & FLAG_REQ_ONE
         try:
             runs = self.disk.map(offset, count)
         except VmdkError as e:

@@ -1,0 +1,181 @@
+"""One connection's requests run on its engine; the protocol package
+builds the replies.  Nothing here reads or writes the socket: every
+method returns the buffers to send, so any dispatcher can drive it.
+"""
+
+import errno
+import threading
+
+from .. import log
+from .. import protocol as nbd
+from ..engine import EngineError, FileRange, errno_of, in_memory
+
+
+class WriteBuffers(object):
+    """Buffers for write payloads, given back once the engine lets go of
+    them, so the next write of the same size skips allocating and zeroing
+    one.  Bounded in count and bytes (requests may be 64 MiB each)."""
+
+    def __init__(self, max_count, max_bytes=32 * 1024 * 1024):
+        self._spares = []
+        self._bytes = 0
+        self._max_count = max_count
+        self._max_bytes = max_bytes
+        self._lock = threading.Lock()
+
+    def get(self, length):
+        with self._lock:
+            if self._spares and len(self._spares[-1]) == length:
+                self._bytes -= length
+                return self._spares.pop()
+        return bytearray(length)
+
+    def give_back(self, buffer):
+        size = len(buffer)
+        with self._lock:
+            if len(self._spares) < self._max_count and (
+                    self._bytes + size <= self._max_bytes or
+                    not self._spares):
+                self._spares.append(buffer)
+                self._bytes += size
+
+
+class Commands(object):
+    """Executes requests on ``engine`` and returns their replies.
+
+    ``structured``: the client negotiated structured replies;
+    ``context_id``: the id of base:allocation, or None; ``zero_copy``:
+    the channel can send file ranges itself.
+    """
+
+    def __init__(self, engine, peer, structured, context_id, zero_copy,
+                 buffers):
+        self.engine = engine
+        self.peer = peer
+        self.structured = structured
+        self.context_id = context_id
+        self.zero_copy = zero_copy
+        self.buffers = buffers
+        self.extents_known = engine.can_extents()
+        self._recycle_writes = not engine.keeps_write_buffers
+        self._handlers = {
+            nbd.CMD_READ: (self._read_structured if structured
+                           else self._read_simple),
+            nbd.CMD_WRITE: self._write,
+            nbd.CMD_FLUSH: self._flush,
+            nbd.CMD_TRIM: self._trim,
+            nbd.CMD_CACHE: self._cache,
+            nbd.CMD_WRITE_ZEROES: self._zero,
+            nbd.CMD_BLOCK_STATUS: self._block_status,
+        }
+
+    def execute(self, request):
+        """Run a valid request to its end; the reply, error or not."""
+        try:
+            return self._handlers[request.command](request)
+        except Exception as exc:
+            return self.failed(request, exc)
+
+    def failed(self, request, exc):
+        error = nbd.nbd_errno(errno_of(exc))
+        if getattr(exc, "expected", False):
+            log.debug("%s: %s: %s", self.peer, request.name, exc)
+        else:
+            log.error("%s: %s at offset %d length %d: %s", self.peer,
+                      request.name, request.offset, request.length, exc)
+        return nbd.error_reply(request, error, str(exc), self.structured)
+
+    # -- asynchronous READ and WRITE (engines that can submit) --
+    def submit(self, request, done):
+        """Start a READ or WRITE; ``done(error, data)`` follows, from any
+        thread, and ``completed`` then gives its reply."""
+        try:
+            if request.command == nbd.CMD_READ:
+                self.engine.submit_pread(request.length, request.offset, 0,
+                                         done)
+            else:
+                self.engine.submit_pwrite(request.payload, request.offset, 0,
+                                          done)
+        except Exception as exc:
+            done(exc, None)
+
+    def completed(self, request, error, data):
+        if request.command == nbd.CMD_WRITE:
+            # The engine has let go of it (done was called).
+            self.buffers.give_back(request.payload)
+            request.payload = None
+            if error is None:
+                return [nbd.simple_reply(request.cookie)]
+        if error is not None:
+            return self.failed(request, error)
+        if len(data) != request.length:
+            return self.failed(request, EngineError(
+                errno.EIO, "short read from the disk"))
+        if self.structured:
+            return self._structured_reply(request, [(request.offset, data)])
+        return nbd.simple_read_reply(request.cookie, in_memory(data)
+                                     if not self.zero_copy else data)
+
+    # -- command handlers: each returns the reply buffers --
+    def _read_simple(self, request):
+        data = self.engine.pread(request.length, request.offset)
+        if len(data) != request.length:
+            raise EngineError(errno.EIO, "short read from the disk")
+        return nbd.simple_read_reply(request.cookie, data)
+
+    def _read_structured(self, request):
+        if request.flags & nbd.CMD_FLAG_DF:
+            pieces = [(request.offset,
+                       self.engine.pread(request.length, request.offset))]
+        else:
+            pieces = self.engine.pread_sparse(request.length, request.offset)
+        return self._structured_reply(request, pieces)
+
+    def _structured_reply(self, request, pieces):
+        if not self.zero_copy:
+            pieces = [(start, in_memory(data) if type(data) is FileRange
+                       else data) for start, data in pieces]
+        try:
+            return nbd.structured_read_reply(request.cookie, request.offset,
+                                             request.length, pieces)
+        except ValueError as exc:
+            raise EngineError(errno.EIO, "the disk returned %s" % exc)
+
+    def _write(self, request):
+        payload = request.payload
+        self.engine.pwrite(payload, request.offset, nbd.engine_flags(request))
+        if self._recycle_writes:
+            self.buffers.give_back(payload)
+        return [nbd.simple_reply(request.cookie)]
+
+    def _flush(self, request):
+        self.engine.flush()
+        return [nbd.simple_reply(request.cookie)]
+
+    def _trim(self, request):
+        self.engine.trim(request.length, request.offset,
+                         nbd.engine_flags(request))
+        return [nbd.simple_reply(request.cookie)]
+
+    def _cache(self, request):
+        self.engine.cache(request.length, request.offset)
+        return [nbd.simple_reply(request.cookie)]
+
+    def _zero(self, request):
+        self.engine.zero(request.length, request.offset,
+                         nbd.engine_flags(request))
+        return [nbd.simple_reply(request.cookie)]
+
+    def _block_status(self, request):
+        offset, length = request.offset, request.length
+        if self.extents_known:
+            flags = nbd.engine_flags(request)
+            extents = nbd.normalize_extents(
+                self.engine.extents(length, offset, flags), offset, length,
+                bool(request.flags & nbd.CMD_FLAG_REQ_ONE))
+            if not extents:
+                raise EngineError(errno.EIO, "disk returned no extents")
+        else:
+            extents = [(length, 0)]  # all data, as nbdkit reports
+        return [nbd.block_status_chunk(request.cookie, self.context_id,
+                                       extents)]

@@ -1,0 +1,355 @@
+"""Dispatchers: how one connection's requests reach its engine.
+
+``LeaderFollowers`` serves engines that answer each call before
+returning: the connection's own thread reads, executes and replies, and
+more threads join in only while the disk is slow.  ``AsyncWindow`` serves
+engines that can submit a request and be told later (VDDK's ReadAsync
+and WriteAsync): the connection's thread keeps reading and submitting,
+up to a window of requests and bytes in flight, while a sender thread
+encodes completions and sends them in the order they complete.
+"""
+
+import collections
+import functools
+import threading
+from time import monotonic
+
+from .. import protocol as nbd
+
+
+class LeaderFollowers(object):
+    """Runs one connection's requests on up to ``size`` threads.
+
+    One thread at a time, the leader, reads a request, executes it and
+    sends the reply itself, then reads the next: no queue and no hand-off
+    between threads, which with Python's GIL cost more than a read from
+    the page cache.  A second thread, the standby, naps meanwhile; when
+    the leader has spent ``patience`` seconds inside one request (a slow
+    disk: a slow request must not hold up fast ones) the standby takes
+    over reading, and another thread, up to ``size``, becomes the next
+    standby.  The old leader sends its reply, then waits as a follower.
+
+    When many recent requests stalled (not the odd one: a page-cache
+    write now and then waits for writeback), the disk is deemed slow: the
+    leader then hands reading to a waiting thread as soon as it has a
+    request, so up to ``size`` slow requests run at once without each
+    waiting ``patience`` first.
+
+    Time spent sending never counts: a leader blocked on the socket means
+    the client is the bottleneck, which more threads would not help.
+
+    ``read()`` returns the next request or None at the end of the stream;
+    ``execute(request)`` returns what ``deliver`` sends.
+    """
+
+    # Once the connection has been quiet this long, the standby stops
+    # napping and sleeps until the leader next starts a request.
+    QUIET_SECONDS = 1.0
+    # The share of stalls among recent requests (a moving average, each
+    # request weighing STALL_WEIGHT) above which the disk counts as slow.
+    SLOW_STALL_SHARE = 0.25
+    STALL_WEIGHT = 0.125
+    # The standby's naps grow to this many patiences while nothing stalls.
+    LONGEST_NAP = 8
+
+    def __init__(self, read, execute, deliver, size, patience):
+        self._read = read
+        self._execute = execute
+        self._deliver = deliver
+        self._size = size
+        self._patience = patience
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._threads = []
+        self._leader = None        # the thread reading, or None
+        self._busy_since = None    # when the leader started executing
+        self._last_request = monotonic()
+        self._stall_share = 0.0
+        self._waiting = 0          # threads in _follow, standby included
+        self._standby = None
+        self._standby_asleep = False
+        self._nap = patience
+        self._ended = False
+        self._failure = None
+
+    def run(self):
+        """Serve until the end of the stream and every request is done.
+        Whatever a thread raised (the client hung up...) is raised here,
+        in the caller's thread."""
+        try:
+            self._serve()
+        finally:
+            with self._lock:
+                self._end()
+                threads = list(self._threads)
+            for thread in threads:
+                thread.join()
+        if self._failure is not None:
+            raise self._failure
+
+    def _end(self):
+        self._ended = True
+        self._changed.notify_all()
+
+    def _serve(self, spawned=False):
+        me = threading.current_thread()
+        counted = spawned  # _spawn counted it as waiting already
+        while self._follow(me, counted):
+            counted = False
+            try:
+                self._lead(me)
+            except BaseException as exc:
+                with self._lock:
+                    if self._failure is None:
+                        self._failure = exc
+                    self._end()
+                return
+
+    def _lead(self, me):
+        read, execute, deliver = self._read, self._execute, self._deliver
+        lock = self._lock
+        while True:
+            request = read()
+            with lock:
+                if request is None:
+                    self._end()
+                    return
+                started = self._last_request = monotonic()
+                if self._stall_share >= self.SLOW_STALL_SHARE:
+                    self._hand_over()
+                if self._leader is me:
+                    self._busy_since = started
+                    if self._standby is None:
+                        if self._waiting:
+                            self._changed.notify()  # a follower stands by
+                        else:
+                            self._spawn()
+                    elif self._standby_asleep:
+                        self._standby_asleep = False
+                        self._changed.notify_all()
+            try:
+                reply = execute(request)
+            finally:
+                with lock:
+                    replaced = self._leader is not me
+                    if not replaced:
+                        self._busy_since = None
+                    self._note(monotonic() - started >= self._patience)
+            deliver(reply)
+            if replaced:
+                return
+
+    def _note(self, stalled):
+        """Count a request, stalled or not (a stall counts when seen and
+        again when its request ends)."""
+        self._stall_share += self.STALL_WEIGHT * (stalled -
+                                                  self._stall_share)
+
+    def _hand_over(self):
+        """Let another thread read the next request while this one runs
+        its own; with nobody free, keep reading."""
+        if self._waiting:
+            self._leader = None
+            self._changed.notify()
+        elif self._spawn():
+            self._leader = None
+
+    def _spawn(self):
+        if len(self._threads) + 1 >= self._size:
+            return False
+        thread = threading.Thread(target=self._serve, args=(True,),
+                                  name="nbd-worker")
+        thread.daemon = True
+        self._threads.append(thread)
+        self._waiting += 1  # from now on: no second spawn meanwhile
+        thread.start()
+        return True
+
+    def _follow(self, me, counted):
+        """Wait until this thread should lead; False when serving ends."""
+        with self._lock:
+            if not counted:
+                self._waiting += 1
+            try:
+                while not self._ended:
+                    if self._leader is None:
+                        if self._standby is me:
+                            self._standby = None
+                        self._leader = me
+                        return True
+                    if self._standby is None or self._standby is me:
+                        self._standby = me
+                        if self._stand_by():
+                            self._standby = None
+                            self._leader = me
+                            return True
+                        continue
+                    self._changed.wait()
+                if self._standby is me:
+                    self._standby = None
+                return False
+            finally:
+                self._waiting -= 1
+
+    def _stand_by(self):
+        """One nap of the standby; True when it should take over."""
+        now = monotonic()
+        remaining = 0.0
+        if self._busy_since is not None:
+            remaining = self._patience - (now - self._busy_since)
+            if remaining <= 0:
+                self._busy_since = None
+                self._note(True)
+                self._nap = self._patience
+                return True
+        elif now - self._last_request >= self.QUIET_SECONDS:
+            self._standby_asleep = True
+            self._changed.wait()
+            self._standby_asleep = False
+            return False
+        # Each nap wakes a thread, which under the GIL costs the leader
+        # too: while nothing stalls, the naps grow (a stall is then seen
+        # a little late, and the disk deemed slow from then on).
+        self._changed.wait(max(remaining, self._nap))
+        self._nap = min(2 * self._nap, self.LONGEST_NAP * self._patience)
+        return False
+
+
+
+class AsyncWindow(object):
+    """Runs one connection's requests on an engine that can submit.
+
+    The connection's thread reads requests (``read(admit)``) and submits
+    READs and WRITEs without waiting for them; ``admit(request)`` is
+    called between a request's header and its payload, and waits there
+    while the window is full: no more than ``max_requests`` requests and
+    ``max_bytes`` bytes in flight (one request always fits), which also
+    bounds the memory held by payloads and read buffers.
+
+    Completions may arrive on any thread (VDDK's own): they only queue
+    the request and wake the sender thread, which encodes the replies of
+    whatever has completed and sends them in one go, then frees their
+    room in the window.  A completion thread never touches the socket,
+    so one slow client cannot hold up the library's other callbacks.
+
+    Other commands run on the reading thread, synchronously, as they come.
+    A FLUSH, or any request with FUA, first waits until every request in
+    flight has been answered: what the client had written before it is
+    then on the disk too.  ``send(buffers)`` must be safe to call from two
+    threads at once.
+    """
+
+    def __init__(self, read, commands, send, stop, max_requests, max_bytes):
+        self._read = read
+        self._commands = commands
+        self._send = send
+        self._stop = stop
+        self._max_requests = max_requests
+        self._max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._work = threading.Condition(self._lock)
+        self._completed = collections.deque()
+        self._requests = 0         # admitted, reply not yet sent
+        self._bytes = 0
+        self._admitted = None      # admitted, payload still being read
+        self._ended = False
+        self._failure = None
+
+    def run(self):
+        """Serve until the end of the stream, then wait for every request
+        in flight (buffers the engine writes into must outlive it)."""
+        sender = threading.Thread(target=self._send_completions,
+                                  name="nbd-sender")
+        sender.daemon = True
+        sender.start()
+        try:
+            self._serve()
+        finally:
+            with self._lock:
+                while self._requests:
+                    self._room.wait()
+                self._ended = True
+                self._work.notify()
+            sender.join()
+        if self._failure is not None:
+            raise self._failure
+
+    def _serve(self):
+        read, commands, send = self._read, self._commands, self._send
+        while True:
+            request = read(self._admit)
+            admitted, self._admitted = self._admitted, None
+            if request is None:
+                if admitted is not None:
+                    # Its payload never came: give its room back.
+                    self._release(1, admitted.length)
+                return
+            if _submitted(request):
+                commands.submit(request, functools.partial(self._complete,
+                                                           request))
+            else:
+                send(commands.execute(request))
+
+    def _admit(self, request):
+        with self._lock:
+            if _submitted(request):
+                size = request.length
+                while self._requests and (
+                        self._requests >= self._max_requests or
+                        self._bytes + size > self._max_bytes):
+                    self._room.wait()
+                self._requests += 1
+                self._bytes += size
+                self._admitted = request
+            elif request.command == nbd.CMD_FLUSH or \
+                    request.flags & nbd.CMD_FLAG_FUA:
+                while self._requests:
+                    self._room.wait()
+
+    def _complete(self, request, error, data):
+        # Called by the engine, on any thread: queue and wake, no more.
+        with self._lock:
+            self._completed.append((request, error, data))
+            if len(self._completed) == 1:
+                self._work.notify()
+
+    def _send_completions(self):
+        completed = self._completed
+        commands = self._commands
+        while True:
+            with self._lock:
+                while not completed and not self._ended:
+                    self._work.wait()
+                if not completed:
+                    return
+                batch = list(completed)
+                completed.clear()
+            buffers = []
+            try:
+                for request, error, data in batch:
+                    buffers += commands.completed(request, error, data)
+                self._send(buffers)
+            except BaseException as exc:
+                # A bug, not the client (send() copes with that): end the
+                # connection, but keep freeing room so the reader can end.
+                if self._failure is None:
+                    self._failure = exc
+                    self._stop()
+            del buffers
+            self._release(len(batch),
+                          sum(request.length for request, _, _ in batch))
+
+    def _release(self, requests, size):
+        with self._lock:
+            self._requests -= requests
+            self._bytes -= size
+            self._room.notify()
+
+
+def _submitted(request):
+    """Whether AsyncWindow submits a request (the rest run as they come):
+    READ, and WRITE unless it asks for FUA."""
+    command = request.command
+    return command == nbd.CMD_READ or (
+        command == nbd.CMD_WRITE and not request.flags & nbd.CMD_FLAG_FUA)
