@@ -212,13 +212,13 @@ def build_backend(options):
             self.exports = dict(e.split("=", 1) if "=" in e else (e, "")
                                 for e in options.export or [""])
 
-        def list_exports(self):
+        def list_exports(self, is_tls=False):
             return sorted(self.exports.items())
 
         def describe(self, export_name):
             return self.exports.get(export_name, "")
 
-        def open(self, export_name, readonly):
+        def open(self, export_name, readonly, is_tls=False):
             if export_name not in self.exports:
                 raise engine.EngineError(errno.ENOENT, "no such export")
             return RawEngine(self, export_name, readonly)

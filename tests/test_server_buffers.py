@@ -35,7 +35,7 @@ class _KeepingBackend(Backend):
         self.keeps = keeps
         self.kept = []
 
-    def open(self, export_name, readonly):
+    def open(self, export_name, readonly, is_tls=False):
         engine = _KeepingEngine(self.kept)
         engine.keeps_write_buffers = self.keeps
         return engine

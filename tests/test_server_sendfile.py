@@ -196,7 +196,7 @@ class _UnreadableBackend(Backend):
         super().__init__({}, readonly=True)
         self.fd = fd
 
-    def open(self, export_name, readonly):
+    def open(self, export_name, readonly, is_tls=False):
         return _UnreadableEngine(self.fd)
 
 

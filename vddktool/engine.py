@@ -449,23 +449,25 @@ class Backend(object):
     def after_fork(self):
         """First step after daemonizing: start threads, initialise libraries."""
 
-    def list_exports(self):
-        """[(name, description)] for NBD_OPT_LIST."""
+    def list_exports(self, is_tls=False):
+        """[(name, description)] for NBD_OPT_LIST.  ``is_tls``: the client
+        asked over TLS (a backend may show more to it)."""
         return [("", self.describe(""))]
 
     def describe(self, export_name):
         """A one-line description of an export, for NBD_INFO_DESCRIPTION."""
         return ""
 
-    def open(self, export_name, readonly):
+    def open(self, export_name, readonly, is_tls=False):
         """Return an Engine.  Raise EngineError(ENOENT, ...) for an export
-        name this backend does not serve."""
+        name this backend does not serve.  ``is_tls``: the connection is
+        encrypted."""
         raise NotImplementedError
 
-    def open_engine(self, export_name, readonly):
+    def open_engine(self, export_name, readonly, is_tls=False):
         """What the server and filters call: ``open`` with the adapter
         under it.  Engines implement ``open``, never this."""
-        return EngineAdapter(self.open(export_name, readonly))
+        return EngineAdapter(self.open(export_name, readonly, is_tls))
 
     def cleanup(self):
         """Called once at exit, after every connection has closed."""

@@ -43,6 +43,7 @@ class SocketChannel(object):
 
     # Data still in files goes out with sendfile(2): no copy into Python.
     zero_copy = True
+    is_tls = False
 
     # Requests arrive in bursts (nbdcopy keeps 64 in flight): one recv
     # into this buffer picks up many 28-byte headers, sparing a system
@@ -172,6 +173,7 @@ class PipeChannel(object):
 
     # sendfile(2) needs a socket here (pipes take splice): read instead.
     zero_copy = False
+    is_tls = False
 
     def __init__(self, read_fd, write_fd, stop_fd):
         self.read_fd = read_fd

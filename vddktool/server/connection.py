@@ -105,7 +105,8 @@ class Connection(object):
                 if isinstance(result, nbd.Ready):
                     return result, engine
             elif isinstance(event, nbd.ListRequest):
-                handshake.answer_list(self.backend.list_exports())
+                handshake.answer_list(self.backend.list_exports(
+                    self.channel.is_tls))
             elif isinstance(event, nbd.TlsRequest):
                 self._start_tls(handshake)
             elif isinstance(event, nbd.Closed):
@@ -157,7 +158,8 @@ class Connection(object):
 
     def _open_engine(self, name):
         try:
-            engine = self.backend.open_engine(name, self.settings.readonly)
+            engine = self.backend.open_engine(name, self.settings.readonly,
+                                              self.channel.is_tls)
         except EngineError as exc:
             if exc.errno == errno.ENOENT:
                 return None, "unknown export %r" % name

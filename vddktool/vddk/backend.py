@@ -328,11 +328,11 @@ class VddkBackend(Backend):
         log.debug("created %s", self._get("file"))
 
     # --- exports ------------------------------------------------------
-    def list_exports(self):
+    def list_exports(self, is_tls=False):
         if self._get("export") is not None:
             # Remote datastores cannot be listed through VDDK.
             return []
-        return super().list_exports()
+        return super().list_exports(is_tls)
 
     def path_for(self, export_name):
         wildcard = self._get("export")
@@ -355,7 +355,7 @@ class VddkBackend(Backend):
         flags |= abi.COMPRESSION_FLAGS[self._get("compression") or "none"]
         return flags
 
-    def open(self, export_name, readonly):
+    def open(self, export_name, readonly, is_tls=False):
         path = self.path_for(export_name)
         readonly = bool(readonly or self.readonly)
         try:

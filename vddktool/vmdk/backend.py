@@ -204,7 +204,7 @@ class NativeBackend(Backend):
             return self.disk.describe()
         return "VMDK %s" % self.path
 
-    def open(self, export_name, readonly):
+    def open(self, export_name, readonly, is_tls=False):
         try:
             disk = self._ensure_open()
         except UsageError as e:
