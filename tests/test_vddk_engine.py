@@ -15,7 +15,8 @@ from fake_vddk.fixtures import (fake_vddk, load_helpers,  # noqa: F401
 from vddktool import log, params
 from vddktool.engine import EXTENT_HOLE, EXTENT_ZERO, FLAG_FUA, EngineError
 from vddktool.vddk import abi
-from vddktool.vddk.backend import COMPLETIONS, VddkBackend
+from vddktool.vddk.backend import VddkBackend
+from vddktool.vddk.disk import COMPLETIONS
 from vddktool.vddk.stats import STATS
 
 MiB = 1024 * 1024
@@ -186,7 +187,9 @@ def test_read_fault_is_eio_with_vddk_text_and_next_read_works(
     assert caught.value.errno == errno.EIO
     assert "VixDiskLib_ReadAsync" in caught.value.message
     assert "VixError" in caught.value.message
-    assert "VixDiskLib_ReadAsync" in capfd.readouterr().err
+    # The server logs the failure with the request it belongs to; the
+    # engine logging it too would say it twice.
+    assert "VixDiskLib_ReadAsync" not in capfd.readouterr().err
     assert len(engine.pread(4096, 0)) == 4096
 
 

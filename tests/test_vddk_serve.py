@@ -307,7 +307,10 @@ except nbd.Error as e:
 print(h.pread(512, 0) == %r)
 """ % (MiB // 2, pattern(MiB)[:512]))
     assert out.stdout.split() == ["errno", "True", "True"]
-    assert "VixDiskLib_ReadAsync" in server.log()
+    failures = [line for line in server.log().splitlines()
+                if "VixDiskLib_ReadAsync" in line]
+    assert len(failures) == 1, failures  # logged once, with the request
+    assert "READ at offset %d" % (MiB // 2) in failures[0]
     assert run([need("nbdinfo"), "--size", server.uri]).returncode == 0
 
 
