@@ -19,6 +19,13 @@ What the environment does (see fake_vixdisklib.c):
   FAKE_VDDK_ASYNC_DELAY_US=N   async requests wait up to N us (default
                                2000) before running, so they finish out
                                of order
+  FAKE_VDDK_HANDLE_PAUSE_US=N  every call on a handle lasts N us longer,
+                               so that two threads inside one handle at
+                               once (VDDK forbids it) are caught: each such
+                               call is recorded as "HandleOverlap" and
+                               warned about
+  FAKE_VDDK_RECORD_COMPLETIONS=1  also record each async request as it
+                               completes ("Completed op=WriteAsync ...")
 
 Open and Close calls that overlap in time (VDDK needs them serialized) are
 recorded as "Overlap" calls, warned about, and make Open fail; each takes
@@ -54,6 +61,10 @@ RECORD_FIELDS = {
     "QueryAllocatedBlocks": ("start", "count", "chunk"),
     # Open or Close entered while another Open or Close was running.
     "Overlap": ("call",),
+    # A call on a handle entered while another call was inside it.
+    "HandleOverlap": ("call",),
+    # An async request done (FAKE_VDDK_RECORD_COMPLETIONS=1).
+    "Completed": ("op", "sector", "count"),
 }
 
 # Values may hold spaces ("[ds] dir/f.vmdk"), so each call's line is
