@@ -112,7 +112,7 @@ WRONG_PIECES = [
     ["--run"],
     ["nosuchparam=1"], ["create-size=12Q"], ["create-size=100"],
     ["create-size=-1M"], ["create-type=qcow2"], ["compression=gzip"],
-    ["thumbprint=12:34"], ["create-hwversion=banana"],
+    ["thumbprint="], ["create-hwversion=banana"],
     ["create-adapter-type=usb"], ["single-link=perhaps"], ["vm=42"],
     ["password=-1"], ["password=+/nonexistent/pw"], ["port=0"],
     ["unbuffered=yes please"], ["-U", "-"],

@@ -239,6 +239,10 @@ class VddkBackend(Backend):
             if value is None:
                 raise UsageError("%s: is required for a remote disk "
                                  "(add %s)" % (name, example))
+        if not paramtable.looks_like_thumbprint(self._get("thumbprint")):
+            log.debug("thumbprint=%s is not a SHA-1 or SHA-256 fingerprint; "
+                      "passing it to VDDK as given (VDDK's error will show "
+                      "the server's real one)", self._get("thumbprint"))
         if file_name is None and export is None:
             raise UsageError(
                 "file: a remote disk needs a file name (add "
@@ -357,6 +361,7 @@ class VddkBackend(Backend):
     def open(self, export_name, readonly):
         path = self.path_for(export_name)
         readonly = bool(readonly or self.readonly)
+        self.messages.capture()
         try:
             with OPEN_CLOSE_LOCK:
                 connection = Connection(self.lib, self.params, readonly)
@@ -369,11 +374,10 @@ class VddkBackend(Backend):
                     connection.close()
                     raise
         except VddkError as e:
-            if not log.verbose():
-                # VDDK's error codes say little ("Error 1"); the reason is
-                # usually in the messages it logged just before.
-                e.message += " (run with -v to see VDDK's own messages)"
+            _explain_open_failure(e, path, self.messages.captured())
             raise
+        finally:
+            self.messages.captured()
         engine = VddkEngine(self, connection, handle, readonly)
         try:
             engine.load_info()
@@ -411,6 +415,19 @@ class VddkBackend(Backend):
             lines.append("vddk_transport_modes=%s" % modes)
         lines.extend("%s=1" % name for name in lib.function_names())
         return lines
+
+
+def _explain_open_failure(error, path, messages):
+    """Name the disk, and quote what VDDK logged about the server's
+    certificate: with a wrong thumbprint that message carries the real
+    one, while the error code only says "Unknown error"."""
+    error.message = "cannot open %s: %s" % (path, error.message)
+    certificate = [m for m in messages if "thumbprint" in m.lower()]
+    if certificate:
+        error.message += "; VDDK said: %s" % certificate[-1].strip()
+    elif not log.verbose():
+        # The reason is usually in the messages VDDK logged just before.
+        error.message += " (run with -v to see VDDK's own messages)"
 
 
 # ---------------------------------------------------------------------------
