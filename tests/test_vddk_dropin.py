@@ -1,7 +1,8 @@
 """Command lines written for nbdkit's VDDK plugin behave the same here:
-the thumbprint procedure of the manual, and open failures that name the
-disk.  Against the fake VDDK."""
+the thumbprint procedure of the manual, relative libdir= and config= in a
+daemon, and open failures that name the disk.  Against the fake VDDK."""
 
+import os
 import sys
 
 import pytest
@@ -98,3 +99,67 @@ def test_open_failure_names_the_disk(fake_vddk):
              if "VixDiskLib_Open" in line]
     assert len(lines) == 1, proc.stderr
     assert "cannot open [datastore1] vm/vm.vmdk: VixDiskLib_Open" in lines[0]
+
+
+# -- 4. relative libdir= and config= in a daemon
+
+
+def daemon_with_relative_paths(fake, tmp_path, config_name):
+    """Start a daemon (no -f) from the fake's root directory with
+    libdir= and config= relative to it; stop it again."""
+    root = os.path.dirname(fake.libdir)
+    disk = fake.local_disk(size=1024 * 1024)
+    sock = str(tmp_path / "sock")
+    pidfile = str(tmp_path / "pid")
+    proc = run([sys.executable, "-m", "vddktool", "-U", sock, "-P", pidfile,
+                "backend=vddk", "libdir=" + os.path.basename(fake.libdir),
+                "config=" + config_name, disk],
+               check=False, env=dict(os.environ, PYTHONPATH=ROOT, **fake.env),
+               cwd=root)
+    return proc, sock, pidfile
+
+
+def stop_daemon(pidfile):
+    import signal
+    import time
+    with open(pidfile) as f:
+        pid = int(f.read())
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(200):
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+
+
+def test_relative_libdir_and_config_are_absolute_in_the_daemon(fake_vddk,
+                                                               tmp_path):
+    root = os.path.dirname(fake_vddk.libdir)
+    with open(os.path.join(root, "vddk.conf"), "w") as f:
+        f.write("vixDiskLib.transport.LogLevel = 1\n")
+    proc, sock, pidfile = daemon_with_relative_paths(fake_vddk, tmp_path,
+                                                     "vddk.conf")
+    assert proc.returncode == 0, proc.stderr
+    try:
+        size = run([need("nbdinfo"), "--size",
+                    "nbd+unix:///?socket=" + sock])
+        assert size.stdout.strip() == str(1024 * 1024)
+    finally:
+        stop_daemon(pidfile)
+    init = fake_vddk.calls("InitEx")[-1]
+    assert init["libdir"] == fake_vddk.libdir
+    assert init["config"] == os.path.join(root, "vddk.conf")
+
+
+def test_a_missing_config_file_is_refused_with_its_path(fake_vddk,
+                                                       tmp_path):
+    proc, _, _ = daemon_with_relative_paths(fake_vddk, tmp_path,
+                                            "no-such.conf")
+    assert proc.returncode == 1
+    missing = os.path.join(os.path.dirname(fake_vddk.libdir), "no-such.conf")
+    assert proc.stderr == ("vddktool: config: %s does not exist (name an "
+                           "existing VDDK configuration file, or drop "
+                           "config=)\n" % missing)
+    assert fake_vddk.calls("InitEx") == []

@@ -229,7 +229,22 @@ class VddkBackend(Backend):
         paramtable.check_disk(self.params)
         if self.is_remote():
             self._check_remote(file_name, export)
+        self._make_paths_absolute()
         self.library_path, self.major = require_library(self._get("libdir"))
+
+    def _make_paths_absolute(self):
+        """libdir= and config= reach InitEx only after the daemon has
+        moved to /, where a relative path would mean something else."""
+        for name in ("libdir", "config"):
+            if self._get(name) is not None:
+                self.params[name] = os.path.abspath(self._get(name))
+        config = self._get("config")
+        if config is not None and not os.path.isfile(config):
+            reason = ("is not a regular file" if os.path.exists(config)
+                      else "does not exist")
+            raise UsageError("config: %s %s (name an existing VDDK "
+                             "configuration file, or drop config=)"
+                             % (config, reason))
 
     def _check_remote(self, file_name, export):
         for name, example in REQUIRED_REMOTE:
