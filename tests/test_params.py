@@ -130,6 +130,40 @@ def test_password_from_fd():
         os.fstat(r)  # read to the end and closed
 
 
+@pytest.mark.parametrize("content", [b"secret\n\n", b"secret\nsecond",
+                                     b"secret", b"secret\n"])
+def test_password_file_gives_its_first_line(tmp_path, content):
+    path = tmp_path / "pw"
+    path.write_bytes(content)
+    assert params.parse_assignment("password", "+" + str(path)).value == \
+        "secret"
+
+
+def test_password_fd_gives_its_first_line():
+    r, w = os.pipe()
+    os.write(w, b"secret\n\nnot this\n")
+    os.close(w)
+    assert params.parse_assignment("password", "-%d" % r).value == "secret"
+
+
+def test_password_fd_does_not_wait_for_the_writer_to_close():
+    # Launchers keep their end of the pipe open while the server runs.
+    import threading
+    r, w = os.pipe()
+    try:
+        os.write(w, b"secret\n")
+        result = []
+        reader = threading.Thread(target=lambda: result.append(
+            params.parse_assignment("password", "-%d" % r)))
+        reader.daemon = True
+        reader.start()
+        reader.join(20)
+        assert not reader.is_alive(), "password=-FD waits for end of file"
+        assert result[0].value == "secret"
+    finally:
+        os.close(w)
+
+
 def test_password_fd_of_stdio_is_refused():
     with pytest.raises(UsageError) as e:
         params.parse_assignment("password", "-0")

@@ -88,6 +88,33 @@ def test_an_empty_thumbprint_is_refused(fake_vddk):
     assert len(proc.stderr.splitlines()) == 1
 
 
+# -- 3. password=-FD from a launcher that keeps the pipe open
+
+
+def test_password_fd_from_a_pipe_left_open(fake_vddk):
+    import subprocess
+    fake_vddk.expect(password="secret")
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, b"secret\n\n")
+    argv = [a if a != "password=vmware" else "password=-%d" % read_fd
+            for a in remote_command(fake_vddk, REAL_THUMBPRINT)]
+    proc = subprocess.Popen(argv, pass_fds=(read_fd,), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(CLIENT_ENV, **fake_vddk.env))
+    os.close(read_fd)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("the server waited for the pipe to close")
+    finally:
+        os.close(write_fd)
+    assert proc.returncode == 0, err
+    assert out.decode().strip() == str(1024 * 1024)
+    assert fake_vddk.calls("ConnectEx")[-1]["password"] == "secret"
+
+
 # -- 8. open failures name the disk
 
 

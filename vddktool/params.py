@@ -140,6 +140,12 @@ def parse_transports(text):
     return text
 
 
+# The re-exec for VDDK (vddk/reexec.py) hands password= over as -FD of a
+# pipe it has filled and closed, and names that fd here: such a pipe is
+# read to its end, so that a password holding newlines survives.
+REEXEC_PASSWORD_FD = "VDDKTOOL_PASSWORD_FD"
+
+
 class Secret(object):
     """A password or cookie: never printed, never in repr()."""
 
@@ -155,7 +161,9 @@ class Secret(object):
 
 
 def read_password(text, interactive_prompt="Password: "):
-    """password=PASSWORD | - (ask) | +FILENAME | -FD, as nbdkit does."""
+    """password=PASSWORD | - (ask) | +FILENAME | -FD, as nbdkit does.  A
+    file or descriptor gives its first line: launchers keep their end of
+    a pipe open, so waiting for end of file would wait for ever."""
     if text == "-":
         import getpass
         if not os.isatty(0):
@@ -167,11 +175,11 @@ def read_password(text, interactive_prompt="Password: "):
         path = text[1:]
         try:
             with open(path, "rb") as f:
-                data = f.read()
+                data = f.readline()
         except OSError as e:
             raise ValueError("cannot read password file %s: %s"
                              % (path, e.strerror))
-        return Secret(_strip_newline(data).decode("utf-8", "replace"))
+        return Secret(_first_line(data))
     if text.startswith("-"):
         if not text[1:].isdigit():
             raise ValueError("starts with - but is not -FD (use - to be "
@@ -181,24 +189,39 @@ def read_password(text, interactive_prompt="Password: "):
         if fd <= 2:
             raise ValueError("file descriptor %d is one of stdin, stdout or "
                              "stderr (use 3 or higher)" % fd)
-        chunks = []
+        ours = os.environ.get(REEXEC_PASSWORD_FD) == str(fd)
+        os.environ.pop(REEXEC_PASSWORD_FD, None)
         try:
-            while True:
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            os.close(fd)
+            data = _read_line(fd, to_the_end=ours)
         except OSError as e:
             raise ValueError("cannot read the password from file descriptor "
                              "%d: %s" % (fd, e.strerror))
-        return Secret(_strip_newline(b"".join(chunks)).decode("utf-8",
-                                                              "replace"))
+        if ours:
+            return Secret(data[:-1].decode("utf-8") if data.endswith(b"\n")
+                          else data.decode("utf-8"))
+        return Secret(_first_line(data))
     return Secret(text)
 
 
-def _strip_newline(data):
-    return data[:-1] if data.endswith(b"\n") else data
+def _read_line(fd, to_the_end=False):
+    """Bytes from ``fd`` up to its first newline (or end of file); the
+    descriptor is closed after."""
+    chunks = []
+    try:
+        while True:
+            chunk = os.read(fd, 4096)
+            chunks.append(chunk)
+            if not chunk or (b"\n" in chunk and not to_the_end):
+                return b"".join(chunks)
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _first_line(data):
+    return data.split(b"\n", 1)[0].decode("utf-8", "replace")
 
 
 def parse_cookie(text):
