@@ -378,6 +378,22 @@ def test_data_written_before_sigterm_is_on_disk(start_server, disk,
 
 
 # ---------------------------------------------------------------------------
+# a parameter given twice
+
+
+def test_the_last_of_a_repeated_parameter_wins_and_v_says_so(disk,
+                                                             tmp_path):
+    need("qemu-img")
+    other = str(tmp_path / "other.vmdk")
+    run(["qemu-img", "create", "-q", "-f", "vmdk", other, "3M"])
+    proc = vddktool("-v", "-U", "-", "file=" + disk, other,
+                    "--run", "nbdinfo --size \"$uri\"", env=CLIENT_ENV)
+    assert proc.stdout.strip() == str(3 * 1024 * 1024)
+    assert "file= is given more than once: the last one counts" \
+        in proc.stderr
+
+
+# ---------------------------------------------------------------------------
 # -r, -e, -t
 
 

@@ -84,6 +84,7 @@ class Options(object):
         self.tls_verify_peer = False
         self.values = params.defaults()
         self.given = []                 # parameter names, in order given
+        self.repeated = []              # names given more than once
 
     @property
     def listens_on_tcp(self):
@@ -265,10 +266,12 @@ def _apply_parameter(options, word):
     if key not in params.BY_NAME:
         raise UsageError("%s: unknown parameter (see --help for the list of "
                          "parameters)" % key)
-    if key in options.given:
-        raise UsageError("%s: given twice (give each parameter once)" % key)
+    # As with nbdkit, the last one wins: wrappers append overrides.
     options.values[key] = params.parse_assignment(key, text)
-    options.given.append(key)
+    if key in options.given:
+        options.repeated.append(key)
+    else:
+        options.given.append(key)
 
 
 # ---------------------------------------------------------------------------
@@ -327,6 +330,9 @@ def main(argv=None):
         log.configure(options.verbose, options.log_destination or "stderr")
         for name, value in options.debug_flags:
             log.set_debug_flag(name, value)
+        for name in options.repeated:
+            log.debug("%s= is given more than once: the last one counts",
+                      name)
         if options.dump_plugin:
             sys.stdout.write("".join(line + "\n" for line in
                                      dump_plugin_lines(options.values)))
