@@ -102,7 +102,7 @@ def test_bad_port(port):
     assert fails("-p", port, "/x").startswith("vddktool: -p: ")
 
 
-@pytest.mark.parametrize("threads", ["0", "many", "-3"])
+@pytest.mark.parametrize("threads", ["many", "-3", "1.5"])
 def test_bad_threads(threads):
     assert fails("--threads=" + threads, "/x").startswith(
         "vddktool: --threads: ")
@@ -188,6 +188,13 @@ def test_relative_pidfile_is_made_absolute(tmp_path):
 def test_unknown_parameter():
     assert fails("/x", "colour=blue").startswith(
         "vddktool: colour: unknown parameter")
+
+
+@pytest.mark.parametrize("threads,count", [("0", cli.DEFAULT_THREADS),
+                                           ("1", 1), ("64", 64)])
+def test_threads_0_means_the_default(threads, count):
+    assert cli.parse_command_line(["-t", threads, "/d.vmdk"]).threads == \
+        count
 
 
 def test_a_parameter_given_twice_takes_the_last_value():

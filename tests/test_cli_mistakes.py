@@ -105,7 +105,7 @@ def unclean_flag(path):
 # has at least one wrong piece, so every one of them must be refused.
 WRONG_PIECES = [
     ["--no-such-option"], ["-Z"], ["-p"], ["-p", "0"], ["-p", "65536"],
-    ["-p", "ten"], ["-t", "0"], ["-t", "-3"], ["-t", "many"],
+    ["-p", "ten"], ["-t", "-3"], ["-t", "many"],
     ["-D", "noflag"], ["-D", "vddk.stats=x"], ["-D", "=1"],
     ["--log=file"], ["--tls=on"], ["--tls=maybe"], ["--filter=cache"],
     ["--oldstyle"], ["-e", "x" * 5000], ["-e", "\udcff"], ["--version=1"],

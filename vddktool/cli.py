@@ -218,11 +218,12 @@ def parse_export_name(option, value):
 
 
 def parse_threads(option, value):
-    if not value.isdigit() or int(value) < 1:
+    """-t N; 0 means the default, as in nbdkit."""
+    if not value.isdigit():
         raise UsageError("%s: %r is not a number of threads (use a whole "
-                         "number of 1 or more, for example %s 16)"
+                         "number, for example %s 16; 0 means the default)"
                          % (option, value, option))
-    return int(value)
+    return int(value) or DEFAULT_THREADS
 
 
 def parse_debug_flag(option, value):
