@@ -37,8 +37,8 @@ LONG_OPTIONS = [
     "exit-with-parent", "filter=", "foreground", "no-fork", "help",
     "ipaddr=", "ip-addr=", "log=", "newstyle", "oldstyle", "pidfile=",
     "pid-file=", "port=", "readonly", "read-only", "run=", "single",
-    "stdin", "threads=", "tls=", "tls-certificates=", "tls-verify-peer",
-    "unix=", "verbose", "version",
+    "stdin", "threads=", "thumbprint=", "tls=", "tls-certificates=",
+    "tls-verify-peer", "unix=", "verbose", "version",
 ]
 
 # Set once the process has forked into the background: from then on
@@ -78,6 +78,7 @@ class Options(object):
         self.show_help = False
         self.show_version = False
         self.dump_plugin = False
+        self.thumbprint_of = None       # --thumbprint HOST[:PORT]
         self.filters = []
         self.tls = "off"
         self.tls_certificates = None
@@ -156,6 +157,8 @@ def _apply_option(options, option, value):
         options.show_help = True
     elif option == "--dump-plugin":
         options.dump_plugin = True
+    elif option == "--thumbprint":
+        options.thumbprint_of = _nonempty(option, value)
     elif option == "--filter":
         options.filters.append(find_filter(value))
     elif option == "--tls":
@@ -328,6 +331,9 @@ def main(argv=None):
         if options.show_version:
             sys.stdout.write("vddktool %s\n" % __version__)
             return 0
+        if options.thumbprint_of:
+            from .thumbprint import main as print_thumbprint
+            return print_thumbprint(options.thumbprint_of)
         log.configure(options.verbose, options.log_destination or "stderr")
         for name, value in options.debug_flags:
             log.set_debug_flag(name, value)

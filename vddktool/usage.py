@@ -34,6 +34,7 @@ Options:
   --tls=off             TLS (only off for now)
   --filter=NAME         insert a filter (none available yet)
   --dump-plugin         print facts about the engines and exit
+  --thumbprint HOST[:PORT]  print the server's certificate thumbprint
   -V, --version         print the version and exit
   -h, --help            print this help and exit
 """
