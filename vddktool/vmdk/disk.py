@@ -122,7 +122,8 @@ def read_descriptor(path):
                                     "SPARSE"), None
             where = (header.descriptor_offset * SECTOR,
                      header.descriptor_size * SECTOR)
-            return Descriptor.parse(text, path), where
+            return _embedded(Descriptor.parse(text, path), path,
+                             header.capacity), where
         if head[:4] == COWD_MAGIC:
             sectors = struct.unpack_from("<I", head, 12)[0]
             return _synthesized(path, "vmfsSparse", sectors,
@@ -142,6 +143,22 @@ def read_descriptor(path):
         raise VmdkError("%s: not a VMDK (neither a sparse header nor a text "
                         "descriptor)" % path)
     return Descriptor.parse(data, path), None
+
+
+def _embedded(descriptor, path, capacity):
+    """A descriptor found inside a sparse file describes that file, the
+    disk's one extent, whatever its extent line calls it: the name it was
+    created under, before a rename or an OVA tool's copy, or a converter's
+    placeholder.  qemu reads such files the same way.  The lines stay as
+    written, so a CID update leaves the extent line alone."""
+    name = os.path.basename(path)
+    first = descriptor.extents[0]
+    if len(descriptor.extents) != 1 or first.filename != name:
+        log.debug("%s: the embedded descriptor names %s; the file itself is "
+                  "the extent", path, ", ".join(
+                      repr(e.filename) for e in descriptor.extents))
+    descriptor.extents = [ExtentLine(first.access, capacity, "SPARSE", name)]
+    return descriptor
 
 
 def _synthesized(path, create_type, sectors, kind):
