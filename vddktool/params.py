@@ -245,7 +245,8 @@ class Param(object):
 
 
 # group: "disk" applies to every backend; "create" to create=true;
-# "remote" needs VDDK; "vddk" is VDDK-specific but also local.
+# "remote" needs VDDK; "vddk" is VDDK-specific but also local; "native"
+# only matters to the native engine.
 PARAMS = [
     Param("file", parse_nonempty, None, "FILENAME",
           "the VMDK to serve: an absolute local path, or "
@@ -259,6 +260,9 @@ PARAMS = [
           "disk"),
     Param("single-link", parse_bool, False, "true",
           "open only this link of a snapshot chain", "disk"),
+    Param("force-share", parse_bool, False, "true",
+          "with -r: read an image even while another process writes it "
+          "(qemu's -U)", "native"),
     Param("create", parse_bool, False, "true",
           "create a new local VMDK (the file must not exist)", "create"),
     Param("create-size", parse_create_size, None, "SIZE",

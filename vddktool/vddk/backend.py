@@ -229,6 +229,10 @@ class VddkBackend(Backend):
         paramtable.check_disk(self.params)
         if self.is_remote():
             self._check_remote(file_name, export)
+        if self._get("force-share"):
+            log.warning("force-share: ignored by the VDDK engine, which "
+                        "keeps its own lock files (use backend=native for "
+                        "qemu's image locks)")
         self._make_paths_absolute()
         self.library_path, self.major = require_library(self._get("libdir"))
 

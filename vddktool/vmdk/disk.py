@@ -20,6 +20,7 @@ from .descriptor import (FLAT_TYPES, MAX_DESCRIPTOR_BYTES, NO_PARENT_CID,
                          Descriptor, ExtentLine, new_cid)
 from .extent import DATA, UNALLOCATED, ZERO, ExtentReader, VmdkError
 from .flat import SECTOR, FlatExtent, ZeroExtent, file_size, open_file
+from .locks import ImageLocks
 from .sparse import (FLAG_COMPRESSED, MAGIC as SPARSE_MAGIC, SparseExtent,
                      read_embedded_descriptor, read_header)
 
@@ -67,12 +68,19 @@ def _magic(path):
         os.close(fd)
 
 
+def extent_path(line, directory):
+    """The file behind an extent line, or None (ZERO extents)."""
+    if line.kind == "ZERO":
+        return None
+    return os.path.join(directory, line.filename)
+
+
 def open_extent(line, directory, writable, create_type):
     """The reader for one extent line."""
     size = line.sectors * SECTOR
-    if line.kind == "ZERO":
+    path = extent_path(line, directory)
+    if path is None:
         return ZeroExtent(size)
-    path = os.path.join(directory, line.filename)
     if line.access == "NOACCESS":
         return NoAccessExtent(size, path)
     writable = writable and line.access == "RW"
@@ -170,7 +178,8 @@ def _synthesized(path, create_type, sectors, kind):
 class Disk(object):
     """One link of a chain, with its parent (another Disk) or None."""
 
-    def __init__(self, path, writable=False, single_link=False, _chain=()):
+    def __init__(self, path, writable=False, single_link=False,
+                 force_share=False, _chain=()):
         self.path = os.path.abspath(path)
         self.descriptor, self._embedded = read_descriptor(self.path)
         self.directory = os.path.dirname(self.path)
@@ -179,10 +188,15 @@ class Disk(object):
         self.extents = []
         self.starts = []
         self.parent = None
+        self.file_locks = ImageLocks(writable, force_share)
         try:
+            # Before anything is written (an open marks a sparse extent
+            # as not shut down): another writer may be at work.
+            self._lock_files()
             self._open_extents(writable)
             if not single_link and self.descriptor.parent_cid != NO_PARENT_CID:
-                self.parent = self._open_parent(_chain + (self.path,))
+                self.parent = self._open_parent(_chain + (self.path,),
+                                                force_share)
             self._give_extents_backing()
         except BaseException:
             self.close()
@@ -212,11 +226,25 @@ class Disk(object):
         disk.parent = None
         disk.size = extent.size
         disk.writable = extent.writable
+        disk.file_locks = ImageLocks(extent.writable)
+        try:
+            disk._lock_files()
+        except BaseException:
+            disk.close()
+            raise
         return disk
 
     @property
     def create_type(self):
         return self.descriptor.create_type or "custom"
+
+    def _lock_files(self):
+        """qemu's locks on the descriptor and every extent file."""
+        self.file_locks.lock(self.path)
+        for line in self.descriptor.extents:
+            path = extent_path(line, self.directory)
+            if path is not None:
+                self.file_locks.lock(path)
 
     def _open_extents(self, writable):
         position = 0
@@ -227,7 +255,7 @@ class Disk(object):
             self.starts.append(position)
             position += extent.size
 
-    def _open_parent(self, chain):
+    def _open_parent(self, chain, force_share):
         hint = self.descriptor.parent_hint
         if not hint:
             raise VmdkError("%s: the descriptor has a parentCID but no "
@@ -248,7 +276,8 @@ class Disk(object):
             raise VmdkError("%s: parent %s does not exist (single-link=true "
                             "serves this link alone)" % (self.path,
                                                          parent_path))
-        parent = Disk(parent_path, writable=False, _chain=chain)
+        parent = Disk(parent_path, writable=False, force_share=force_share,
+                      _chain=chain)
         if parent.descriptor.cid.lower() != self.descriptor.parent_cid:
             parent.close()
             raise VmdkError(
@@ -423,6 +452,8 @@ class Disk(object):
         if self.parent is not None:
             self.parent.close()
             self.parent = None
+        # Last: closing an extent may still write (the clean-shutdown mark).
+        self.file_locks.release()
 
     @property
     def _one_lock_free_extent(self):
@@ -473,5 +504,5 @@ def _merge_holes(pieces):
     return merged
 
 
-def open_disk(path, writable=False, single_link=False):
-    return Disk(path, writable, single_link)
+def open_disk(path, writable=False, single_link=False, force_share=False):
+    return Disk(path, writable, single_link, force_share)
