@@ -1,21 +1,14 @@
 """-D flags as nbdkit takes them: nbdkit.backend.datapath=0 quiets the
 per-request lines of -v, and a flag nothing reads is warned about."""
 
-import os
 import re
 
 import pytest
 
-from conftest import ROOT, need, run, vddktool
+from conftest import need, run, vddktool
+from test_log_syslog import disk  # noqa: F401 (a fixture)
+from test_manual import debug_flags_in_the_code
 from vddktool import log
-
-
-@pytest.fixture
-def disk(tmp_path):
-    need("qemu-img")
-    path = str(tmp_path / "disk.vmdk")
-    run(["qemu-img", "create", "-q", "-f", "vmdk", path, "1M"])
-    return path
 
 
 @pytest.fixture
@@ -38,14 +31,7 @@ def test_datapath_debug_follows_v_and_the_flag(flags):
 
 
 def test_every_flag_the_code_reads_is_known():
-    read = set()
-    for folder, _, files in os.walk(os.path.join(ROOT, "vddktool")):
-        for name in files:
-            if name.endswith(".py"):
-                with open(os.path.join(folder, name), encoding="utf-8") as f:
-                    read.update(re.findall(
-                        r"debug_flag\(\s*[\"']([\w.]+)[\"']", f.read()))
-    assert read == set(log.KNOWN_DEBUG_FLAGS)
+    assert debug_flags_in_the_code() == set(log.KNOWN_DEBUG_FLAGS)
 
 
 def test_unknown_flag_is_warned_about_by_name(disk):
