@@ -59,8 +59,9 @@ def test_the_real_thumbprint_reaches_the_user_without_v(fake_vddk):
 
 def test_a_value_unlike_a_thumbprint_is_noted_under_v(fake_vddk):
     proc = run_remote(fake_vddk, "12", "-v")
-    assert "thumbprint=12 is not a SHA-1 or SHA-256 fingerprint" \
-        in proc.stderr
+    # Once, although the process starts again for VDDK.
+    assert proc.stderr.count(
+        "thumbprint=12 is not a SHA-1 or SHA-256 fingerprint") == 1
 
 
 @pytest.mark.parametrize("given", [
@@ -113,6 +114,21 @@ def test_password_fd_from_a_pipe_left_open(fake_vddk):
     assert proc.returncode == 0, err
     assert out.decode().strip() == str(1024 * 1024)
     assert fake_vddk.calls("ConnectEx")[-1]["password"] == "secret"
+
+
+# -- messages about the command line, once despite the re-exec
+
+
+def test_the_restart_for_vddk_does_not_repeat_command_line_notes(fake_vddk):
+    disk = fake_vddk.local_disk()
+    proc = run([sys.executable, "-m", "vddktool", "-v", "-U", "-", "-D",
+                "vddk.no-such=1", "backend=vddk", "libdir=" + fake_vddk.libdir,
+                disk, disk, "--run", "true"],
+               check=False, env=dict(CLIENT_ENV, **fake_vddk.env), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "re-executing with LD_LIBRARY_PATH" in proc.stderr
+    assert proc.stderr.count("-D vddk.no-such: no such debug flag") == 1
+    assert proc.stderr.count("file= is given more than once") == 1
 
 
 # -- 8. open failures name the disk

@@ -335,9 +335,10 @@ def main(argv=None):
             from .thumbprint import main as print_thumbprint
             return print_thumbprint(options.thumbprint_of)
         log.configure(options.verbose, options.log_destination or "stderr")
+        from .vddk.reexec import restarted
         for name, value in options.debug_flags:
-            log.set_debug_flag(name, value)
-        for name in options.repeated:
+            log.set_debug_flag(name, value, warn=not restarted())
+        for name in [] if restarted() else options.repeated:
             log.debug("%s= is given more than once: the last one counts",
                       name)
         if options.dump_plugin:

@@ -35,8 +35,8 @@ def verbose():
     return _state["verbose"]
 
 
-def set_debug_flag(name, value):
-    if name not in KNOWN_DEBUG_FLAGS:
+def set_debug_flag(name, value, warn=True):
+    if warn and name not in KNOWN_DEBUG_FLAGS:
         warning("-D %s: no such debug flag, so it changes nothing (the "
                 "flags are listed under DEBUG FLAGS in vddktool(1))", name)
     _flags[name] = value

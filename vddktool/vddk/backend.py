@@ -19,7 +19,7 @@ from ..engine import (EXTENT_HOLE, EXTENT_ZERO, FUA_EMULATE, MAX_REQUEST_SIZE,
 from . import abi
 from .library import (DEFAULT_LIBDIR, PREFIX, Library, VddkError,
                       find_library, loaded_path, require_library)
-from .reexec import (reexec_if_needed, recover_secrets,
+from .reexec import (reexec_if_needed, recover_secrets, restarted,
                      restore_caller_environment)
 from .stats import STATS, now
 from .wildcard import wildcard_matches
@@ -258,7 +258,8 @@ class VddkBackend(Backend):
             if value is None:
                 raise UsageError("%s: is required for a remote disk "
                                  "(add %s)" % (name, example))
-        if not paramtable.looks_like_thumbprint(self._get("thumbprint")):
+        if not (paramtable.looks_like_thumbprint(self._get("thumbprint"))
+                or restarted()):
             log.debug("thumbprint=%s is not a SHA-1 or SHA-256 fingerprint; "
                       "passing it to VDDK as given (VDDK's error will show "
                       "the server's real one)", self._get("thumbprint"))

@@ -38,6 +38,13 @@ def path_has_directory(search_path, directory):
                for part in (search_path or "").split(":"))
 
 
+def restarted(environ=None):
+    """True in the process started again: what the first start has said
+    about the command line need not be said twice."""
+    environ = os.environ if environ is None else environ
+    return bool(environ.get(REEXEC_MARKER))
+
+
 def needs_reexec(library_dir, environ=None):
     environ = os.environ if environ is None else environ
     if path_has_directory(environ.get("LD_LIBRARY_PATH"), library_dir):
