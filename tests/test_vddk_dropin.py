@@ -131,6 +131,17 @@ def test_the_restart_for_vddk_does_not_repeat_command_line_notes(fake_vddk):
     assert proc.stderr.count("file= is given more than once") == 1
 
 
+def test_force_share_is_a_native_engine_matter(fake_vddk):
+    disk = fake_vddk.local_disk()
+    proc = run([sys.executable, "-m", "vddktool", "-U", "-", "-r",
+                "force-share=true", "backend=vddk",
+                "libdir=" + fake_vddk.libdir, disk, "--run", "true"],
+               check=False, env=dict(CLIENT_ENV, **fake_vddk.env), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("warning: force-share: ignored by the VDDK "
+                             "engine") == 1, proc.stderr
+
+
 # -- 8. open failures name the disk
 
 

@@ -19,25 +19,14 @@ from ..engine import (EXTENT_HOLE, EXTENT_ZERO, FUA_EMULATE, MAX_REQUEST_SIZE,
 from . import abi
 from .library import (DEFAULT_LIBDIR, PREFIX, Library, VddkError,
                       find_library, loaded_path, require_library)
-from .reexec import (reexec_if_needed, recover_secrets, restarted,
+from .reexec import (reexec_if_needed, recover_secrets,
                      restore_caller_environment)
+from .settings import check_settings, explain_open_failure
 from .stats import STATS, now
 from .wildcard import wildcard_matches
 
 # The API level we ask InitEx for: the oldest VDDK we support (6.7).
 API_MAJOR, API_MINOR = 6, 7
-
-# Any of these makes the disk remote (and then the required ones must all
-# be there).
-# What a remote connection cannot do without, in the order we ask for them.
-REQUIRED_REMOTE = (
-    ("server", "server=HOSTNAME"),
-    ("thumbprint", "thumbprint=xx:xx:...:xx, see THUMBPRINTS in "
-                   "vddktool(1)"),
-    ("user", "user=USERNAME"),
-    ("password", "password=PASSWORD|-|+FILENAME|-FD, or cookie=COOKIE"),
-    ("vm", "vm=moref=ID, see MANAGED OBJECT REFERENCE in vddktool(1)"),
-)
 
 # VDDK's Open and Close are not thread-safe: one at a time, process-wide.
 OPEN_CLOSE_LOCK = threading.Lock()
@@ -221,52 +210,8 @@ class VddkBackend(Backend):
 
     def config_complete(self):
         recover_secrets(self.params)
-        file_name, export = self._get("file"), self._get("export")
-        if file_name is not None and export is not None:
-            raise UsageError(
-                "export: cannot be combined with file= (serve one disk with "
-                "file=, or let clients choose with export=WILDCARD)")
-        paramtable.check_disk(self.params)
-        if self.is_remote():
-            self._check_remote(file_name, export)
-        if self._get("force-share"):
-            log.warning("force-share: ignored by the VDDK engine, which "
-                        "keeps its own lock files (use backend=native for "
-                        "qemu's image locks)")
-        self._make_paths_absolute()
+        check_settings(self.params)
         self.library_path, self.major = require_library(self._get("libdir"))
-
-    def _make_paths_absolute(self):
-        """libdir= and config= reach InitEx only after the daemon has
-        moved to /, where a relative path would mean something else."""
-        for name in ("libdir", "config"):
-            if self._get(name) is not None:
-                self.params[name] = os.path.abspath(self._get(name))
-        config = self._get("config")
-        if config is not None and not os.path.isfile(config):
-            reason = ("is not a regular file" if os.path.exists(config)
-                      else "does not exist")
-            raise UsageError("config: %s %s (name an existing VDDK "
-                             "configuration file, or drop config=)"
-                             % (config, reason))
-
-    def _check_remote(self, file_name, export):
-        for name, example in REQUIRED_REMOTE:
-            value = self._get(name)
-            if name == "password" and value is None:
-                value = self._get("cookie")
-            if value is None:
-                raise UsageError("%s: is required for a remote disk "
-                                 "(add %s)" % (name, example))
-        if not (paramtable.looks_like_thumbprint(self._get("thumbprint"))
-                or restarted()):
-            log.debug("thumbprint=%s is not a SHA-1 or SHA-256 fingerprint; "
-                      "passing it to VDDK as given (VDDK's error will show "
-                      "the server's real one)", self._get("thumbprint"))
-        if file_name is None and export is None:
-            raise UsageError(
-                "file: a remote disk needs a file name (add "
-                "file='[datastore] dir/name.vmdk' or export=WILDCARD)")
 
     def get_ready(self):
         if self.library_path is None:
@@ -394,7 +339,7 @@ class VddkBackend(Backend):
                     connection.close()
                     raise
         except VddkError as e:
-            _explain_open_failure(e, path, self.messages.captured())
+            explain_open_failure(e, path, self.messages.captured())
             raise
         finally:
             self.messages.captured()
@@ -435,19 +380,6 @@ class VddkBackend(Backend):
             lines.append("vddk_transport_modes=%s" % modes)
         lines.extend("%s=1" % name for name in lib.function_names())
         return lines
-
-
-def _explain_open_failure(error, path, messages):
-    """Name the disk, and quote what VDDK logged about the server's
-    certificate: with a wrong thumbprint that message carries the real
-    one, while the error code only says "Unknown error"."""
-    error.message = "cannot open %s: %s" % (path, error.message)
-    certificate = [m for m in messages if "thumbprint" in m.lower()]
-    if certificate:
-        error.message += "; VDDK said: %s" % certificate[-1].strip()
-    elif not log.verbose():
-        # The reason is usually in the messages VDDK logged just before.
-        error.message += " (run with -v to see VDDK's own messages)"
 
 
 # ---------------------------------------------------------------------------
