@@ -218,11 +218,14 @@ def test_close_waits_closes_and_disconnects(fake_vddk, backend_for):
     assert fake_vddk.call_names()[-3:] == ["Wait", "Close", "Disconnect"]
 
 
-def test_init_happens_after_fork_and_exit_at_cleanup(fake_vddk, steer):
+def test_init_happens_after_fork_and_exit_at_cleanup(fake_vddk, steer,
+                                                    tmp_path):
     steer(fake_vddk)
+    config = tmp_path / "vddk.conf"
+    config.write_text("")
     settings = params.defaults()
     settings.update(libdir=fake_vddk.libdir, file=fake_vddk.local_disk(),
-                    config="/etc/vddk.conf")
+                    config=str(config))
     backend = VddkBackend(settings)
     backend.config_complete()
     backend.get_ready()
@@ -230,7 +233,7 @@ def test_init_happens_after_fork_and_exit_at_cleanup(fake_vddk, steer):
     backend.after_fork()
     init = fake_vddk.calls("InitEx")[0]
     assert (init["libdir"], init["config"]) == (fake_vddk.libdir,
-                                                "/etc/vddk.conf")
+                                                str(config))
     backend.cleanup()
     assert fake_vddk.call_names()[-1] == "Exit"
 

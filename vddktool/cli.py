@@ -19,15 +19,15 @@ import threading
 import traceback
 
 from . import __version__, lifecycle, log, params
-from .backends import backend_class, choose_backend
+from .backends import choose_backend
 from .engine import EngineError, UsageError
+from .usage import PLUGIN_WORD, dump_plugin_lines, help_text
 from .vmdk.extent import VmdkError
 
 # The command line as it was, for anything that must re-exec the process
 # (VDDK needs LD_LIBRARY_PATH set before the program starts).
 ORIGINAL_ARGV = list(sys.argv)
 
-PLUGIN_WORD = "vddk"
 DEFAULT_THREADS = 16
 MAX_EXPORT_NAME = 4096
 
@@ -37,8 +37,8 @@ LONG_OPTIONS = [
     "exit-with-parent", "filter=", "foreground", "no-fork", "help",
     "ipaddr=", "ip-addr=", "log=", "newstyle", "oldstyle", "pidfile=",
     "pid-file=", "port=", "readonly", "read-only", "run=", "single",
-    "stdin", "threads=", "tls=", "tls-certificates=", "tls-verify-peer",
-    "unix=", "verbose", "version",
+    "stdin", "threads=", "thumbprint=", "tls=", "tls-certificates=",
+    "tls-verify-peer", "unix=", "verbose", "version",
 ]
 
 # Set once the process has forked into the background: from then on
@@ -78,12 +78,14 @@ class Options(object):
         self.show_help = False
         self.show_version = False
         self.dump_plugin = False
+        self.thumbprint_of = None       # --thumbprint HOST[:PORT]
         self.filters = []
         self.tls = "off"
         self.tls_certificates = None
         self.tls_verify_peer = False
         self.values = params.defaults()
         self.given = []                 # parameter names, in order given
+        self.repeated = []              # names given more than once
 
     @property
     def listens_on_tcp(self):
@@ -155,6 +157,8 @@ def _apply_option(options, option, value):
         options.show_help = True
     elif option == "--dump-plugin":
         options.dump_plugin = True
+    elif option == "--thumbprint":
+        options.thumbprint_of = _nonempty(option, value)
     elif option == "--filter":
         options.filters.append(find_filter(value))
     elif option == "--tls":
@@ -217,11 +221,12 @@ def parse_export_name(option, value):
 
 
 def parse_threads(option, value):
-    if not value.isdigit() or int(value) < 1:
+    """-t N; 0 means the default, as in nbdkit."""
+    if not value.isdigit():
         raise UsageError("%s: %r is not a number of threads (use a whole "
-                         "number of 1 or more, for example %s 16)"
+                         "number, for example %s 16; 0 means the default)"
                          % (option, value, option))
-    return int(value)
+    return int(value) or DEFAULT_THREADS
 
 
 def parse_debug_flag(option, value):
@@ -265,10 +270,12 @@ def _apply_parameter(options, word):
     if key not in params.BY_NAME:
         raise UsageError("%s: unknown parameter (see --help for the list of "
                          "parameters)" % key)
-    if key in options.given:
-        raise UsageError("%s: given twice (give each parameter once)" % key)
+    # As with nbdkit, the last one wins: wrappers append overrides.
     options.values[key] = params.parse_assignment(key, text)
-    options.given.append(key)
+    if key in options.given:
+        options.repeated.append(key)
+    else:
+        options.given.append(key)
 
 
 # ---------------------------------------------------------------------------
@@ -309,92 +316,6 @@ def check_options(options, activated):
 
 
 # ---------------------------------------------------------------------------
-# --help, --version, --dump-plugin
-
-HELP_OPTIONS = """\
-Options:
-  -U, --unix SOCKET     listen on a Unix socket (-U - : a private one)
-  -p, --port PORT       listen on this TCP port (default 10809)
-  -i, --ipaddr ADDRESS  listen on this address only
-  -s, --single          serve one client on stdin/stdout
-  --run 'COMMAND'       run COMMAND with $uri set, stop when it exits
-  -f, --foreground      do not fork into the background
-  -P, --pidfile FILE    write the server's process ID to FILE
-  --exit-with-parent    stop when the parent process exits
-  -r, --readonly        serve the disk read-only
-  -e, --exportname NAME the export name to announce and put in $uri
-  -t, --threads N       requests in flight per connection (default 16)
-  -v, --verbose         print debug messages
-  -D, --debug NAME.FLAG=N  set a debug flag
-  --log=stderr|syslog|null  where messages go
-  --tls=off             TLS (only off for now)
-  --filter=NAME         insert a filter (none available yet)
-  --dump-plugin         print facts about the engines and exit
-  -V, --version         print the version and exit
-  -h, --help            print this help and exit
-"""
-
-
-def help_text():
-    lines = [
-        "usage: vddktool [OPTIONS] [vddk] [file=]FILENAME "
-        "[KEY=VALUE ...]",
-        "",
-        "Serve a VMware virtual disk over NBD, like nbdkit's VDDK plugin.",
-        "",
-        HELP_OPTIONS,
-        "Parameters:",
-    ]
-    for param in params.PARAMS:
-        spelling = "%s=%s" % (param.name, param.metavar)
-        if param.name == params.MAGIC_PARAM:
-            spelling = "[%s=]%s" % (param.name, param.metavar)
-        lines.append("  %s" % spelling)
-        lines.append("      %s" % param.summary)
-    lines.append("")
-    lines.append("See vddktool(1) for the details.")
-    return "\n".join(lines) + "\n"
-
-
-# The plugin interface nbdkit would report for an equivalent plugin.
-PLUGIN_CALLBACKS = (
-    "dump_plugin", "config", "config_complete", "config_help", "get_ready",
-    "after_fork", "cleanup", "list_exports", "export_description", "open",
-    "close", "get_size", "block_size", "can_write", "can_flush", "can_fua",
-    "can_zero", "can_extents", "can_multi_conn", "pread", "pwrite", "flush",
-    "zero", "extents",
-)
-
-
-def program_path():
-    """The file this program runs from: the zipapp, or the package."""
-    archive = sys.argv[0] if sys.argv and sys.argv[0].endswith(".pyz") \
-        else None
-    return os.path.abspath(archive or os.path.dirname(__file__))
-
-
-def dump_plugin_lines(values):
-    lines = [
-        "path=%s" % program_path(),
-        "name=%s" % PLUGIN_WORD,
-        "version=%s" % __version__,
-        "api_version=2",
-        "max_thread_model=parallel",
-        "thread_model=parallel",
-        "errno_is_preserved=1",
-        "magic_config_key=%s" % params.MAGIC_PARAM,
-    ]
-    lines.extend("has_%s=1" % name for name in PLUGIN_CALLBACKS)
-    try:
-        vddk_backend = backend_class("vddk")
-    except ImportError as e:
-        log.debug("--dump-plugin: the VDDK engine is unavailable: %s", e)
-    else:
-        lines.extend(vddk_backend.dump_plugin(values))
-    return lines
-
-
-# ---------------------------------------------------------------------------
 # running
 
 
@@ -410,9 +331,16 @@ def main(argv=None):
         if options.show_version:
             sys.stdout.write("vddktool %s\n" % __version__)
             return 0
+        if options.thumbprint_of:
+            from .thumbprint import main as print_thumbprint
+            return print_thumbprint(options.thumbprint_of)
         log.configure(options.verbose, options.log_destination or "stderr")
+        from .vddk.reexec import restarted
         for name, value in options.debug_flags:
-            log.set_debug_flag(name, value)
+            log.set_debug_flag(name, value, warn=not restarted())
+        for name in [] if restarted() else options.repeated:
+            log.debug("%s= is given more than once: the last one counts",
+                      name)
         if options.dump_plugin:
             sys.stdout.write("".join(line + "\n" for line in
                                      dump_plugin_lines(options.values)))

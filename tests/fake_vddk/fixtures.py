@@ -10,7 +10,10 @@ What the environment does (see fake_vixdisklib.c):
   FAKE_VDDK_REMOTE_ROOT=DIR    "[ds] dir/f.vmdk" is DIR/ds/dir/f.vmdk
   FAKE_VDDK_EXPECT_<FIELD>=V   ConnectEx fails unless FIELD was V; FIELD is
                                SERVER THUMBPRINT USER PASSWORD COOKIE VM
-                               SNAPSHOT TRANSPORTS PORT NFCHOSTPORT
+                               SNAPSHOT TRANSPORTS PORT NFCHOSTPORT.
+                               THUMBPRINT is the server's real one: any
+                               other is refused with VDDK's message
+                               "actual thumbprint=REAL expected=GIVEN"
   FAKE_VDDK_FAIL_READ_AT=N     reads covering byte N fail
   FAKE_VDDK_FAIL_WRITE_AT=N    writes covering byte N fail
   FAKE_VDDK_FAIL_OPEN=1        Open fails with VDDK's "Error 1"

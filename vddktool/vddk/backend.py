@@ -21,21 +21,12 @@ from .library import (DEFAULT_LIBDIR, Library, VddkError, find_library,
                       loaded_path, require_library)
 from .reexec import (reexec_if_needed, recover_secrets,
                      restore_caller_environment)
+from .settings import check_settings, explain_open_failure
 from .stats import STATS
 from .wildcard import wildcard_matches
 
 # The API level we ask InitEx for: the oldest VDDK we support (6.7).
 API_MAJOR, API_MINOR = 6, 7
-
-# What a remote connection cannot do without, in the order we ask for them.
-REQUIRED_REMOTE = (
-    ("server", "server=HOSTNAME"),
-    ("thumbprint", "thumbprint=xx:xx:...:xx, see THUMBPRINTS in "
-                   "vddktool(1)"),
-    ("user", "user=USERNAME"),
-    ("password", "password=PASSWORD|-|+FILENAME|-FD, or cookie=COOKIE"),
-    ("vm", "vm=moref=ID, see MANAGED OBJECT REFERENCE in vddktool(1)"),
-)
 
 
 class VddkBackend(Backend):
@@ -58,28 +49,8 @@ class VddkBackend(Backend):
 
     def config_complete(self):
         recover_secrets(self.params)
-        file_name, export = self._get("file"), self._get("export")
-        if file_name is not None and export is not None:
-            raise UsageError(
-                "export: cannot be combined with file= (serve one disk with "
-                "file=, or let clients choose with export=WILDCARD)")
-        paramtable.check_disk(self.params)
-        if self.is_remote():
-            self._check_remote(file_name, export)
+        check_settings(self.params)
         self.library_path, self.major = require_library(self._get("libdir"))
-
-    def _check_remote(self, file_name, export):
-        for name, example in REQUIRED_REMOTE:
-            value = self._get(name)
-            if name == "password" and value is None:
-                value = self._get("cookie")
-            if value is None:
-                raise UsageError("%s: is required for a remote disk "
-                                 "(add %s)" % (name, example))
-        if file_name is None and export is None:
-            raise UsageError(
-                "file: a remote disk needs a file name (add "
-                "file='[datastore] dir/name.vmdk' or export=WILDCARD)")
 
     def get_ready(self):
         if self.library_path is None:
@@ -194,6 +165,7 @@ class VddkBackend(Backend):
     def open(self, export_name, readonly, is_tls=False):
         path = self.path_for(export_name)
         readonly = bool(readonly or self.readonly)
+        self.messages.capture()
         try:
             with OPEN_CLOSE_LOCK:
                 connection = Connection(self.lib, self.params, readonly)
@@ -206,11 +178,10 @@ class VddkBackend(Backend):
                     connection.close()
                     raise
         except VddkError as e:
-            if not log.verbose():
-                # VDDK's error codes say little ("Error 1"); the reason is
-                # usually in the messages it logged just before.
-                e.message += " (run with -v to see VDDK's own messages)"
+            explain_open_failure(e, path, self.messages.captured())
             raise
+        finally:
+            self.messages.captured()
         engine = VddkEngine(self, connection, handle, readonly)
         try:
             engine.load_info()
