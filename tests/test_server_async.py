@@ -271,3 +271,26 @@ def handshake(sock):
                   nbd.CLIENT_FLAG_NO_ZEROES).to_bytes(4, "big"))
     sock.sendall(nbd.OPTION_HEADER.pack(nbd.IHAVEOPT, nbd.OPT_EXPORT_NAME, 0))
     recv(10)
+
+
+def test_zeroes_are_submitted_as_writes_of_zeros_in_flight_together(
+        tmp_path):
+    backend = LaterBackend(max_pause=0.02)
+    with serving(backend, tmp_path) as uri:
+        out = nbdsh_json("""
+h.connect_uri(%r)
+h.pwrite(b"\\xff" * 4096, 0)
+h.zero(3 * 1024 * 1024, 0)
+try:
+    h.zero(4096, 0, nbd.CMD_FLAG_FAST_ZERO)
+    fast = "done"
+except nbd.Error as e:
+    fast = e.errno
+print(json.dumps(fast))
+""" % uri)
+    assert out == "ENOTSUP"
+    # One engine without a zero of its own: three 1 MiB writes of zeros,
+    # submitted together rather than one after another.
+    assert sorted(backend.written) == [0, MiB, 2 * MiB]
+    assert all(data == bytes(MiB) for data in backend.written.values())
+    assert backend.most >= 3

@@ -453,7 +453,13 @@ def test_no_extents_without_query_allocated_blocks(make_fake_vddk,
 # -- statistics
 
 
-def test_stats_count_calls_and_bytes(fake_vddk, open_engine):
+@pytest.fixture
+def stats_flag(monkeypatch):
+    """-D vddk.stats=1: only then are completions timed."""
+    monkeypatch.setitem(log._flags, "vddk.stats", 1)
+
+
+def test_stats_count_calls_and_bytes(fake_vddk, open_engine, stats_flag):
     engine = open_engine(fake_vddk, file=fake_vddk.local_disk(size=MiB))
     before = STATS.snapshot().get("ReadAsync", (0, 0, 0))
     engine.pread(8192, 0)
@@ -464,7 +470,14 @@ def test_stats_count_calls_and_bytes(fake_vddk, open_engine):
     assert seconds >= before[0]
 
 
-def test_stats_table_is_sorted_by_time(fake_vddk, open_engine):
+def test_no_timing_without_the_stats_flag(fake_vddk, open_engine):
+    engine = open_engine(fake_vddk, file=fake_vddk.local_disk(size=MiB))
+    before = STATS.snapshot().get("ReadAsync", (0, 0, 0))
+    engine.pread(8192, 0)
+    assert STATS.snapshot().get("ReadAsync", (0, 0, 0)) == before
+
+
+def test_stats_table_is_sorted_by_time(fake_vddk, open_engine, stats_flag):
     engine = open_engine(fake_vddk, file=fake_vddk.local_disk(size=MiB))
     engine.pread(4096, 0)
     lines = STATS.report_lines()
