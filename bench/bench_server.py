@@ -11,6 +11,11 @@ three workloads, each server serving the same bytes:
                (nbdkit has no VMDK reader: the file plugin is the bar)
   write        nbdcopy SOURCE URI into a preallocated flat extent
                (vddktool: flat VMDK, nbdkit and qemu-nbd: raw file)
+  sparse-write nbdcopy SOURCE URI into a new, empty monolithicSparse VMDK
+               (vddktool and qemu-nbd; nbdkit file: a new sparse raw
+               file, the bar)
+  randread     fio's nbd engine, 4 KiB random reads at queue depth 64 for
+               a fixed time on the flat-read servers (IOPS, not MiB/s)
 
 All servers of a workload run at once; the runs are interleaved (server
 A, B, C, then A, B, C again...) so a noisy neighbour hurts all alike, and
@@ -22,6 +27,7 @@ and vddktool's ratio to each other server: above 1.0, vddktool is faster.
 """
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -33,7 +39,9 @@ import time
 from common import CLIENT_ENV, MiB, Served, convert, make_source
 
 
-WORKLOADS = ("flat-read", "sparse-read", "write")
+WORKLOADS = ("flat-read", "sparse-read", "write", "sparse-write",
+             "randread")
+FIO_SECONDS = 10
 
 
 def preallocate(path, size_mib):
@@ -45,6 +53,17 @@ def timed(argv):
     start = time.monotonic()
     subprocess.check_call(argv, env=CLIENT_ENV)
     return time.monotonic() - start
+
+
+def fio_iops(uri):
+    """4 KiB random reads at queue depth 64 for FIO_SECONDS: IOPS."""
+    out = subprocess.check_output(
+        ["fio", "--name=randread", "--ioengine=nbd", "--uri=" + uri,
+         "--rw=randread", "--bs=4k", "--iodepth=64", "--time_based",
+         "--runtime=%d" % FIO_SECONDS, "--output-format=json"],
+        env=CLIENT_ENV).decode()
+    # fio's nbd engine says "fio: connected to NBD server" first.
+    return json.loads(out[out.index("{"):])["jobs"][0]["read"]["iops"]
 
 
 class Bench(object):
@@ -85,7 +104,7 @@ class Bench(object):
                       + list(args), sock)
 
     def servers(self, workload):
-        if workload == "flat-read":
+        if workload in ("flat-read", "randread"):
             return [self.vddktool("-r", "file=" + self.flat),
                     self.nbdkit("-r", "file", self.path("flat-flat.vmdk")),
                     self.qemu_nbd("-r", "-f", "vmdk", self.flat)]
@@ -93,6 +112,20 @@ class Bench(object):
             return [self.vddktool("-r", "file=" + self.sparse),
                     self.nbdkit("-r", "file", self.sparse_raw),
                     self.qemu_nbd("-r", "-f", "vmdk", self.sparse)]
+        if workload == "sparse-write":
+            for name in ("sw-vddktool.vmdk", "sw-qemu.vmdk"):
+                if os.path.exists(self.path(name)):
+                    os.unlink(self.path(name))
+                subprocess.check_call(
+                    ["qemu-img", "create", "-q", "-f", "vmdk", "-o",
+                     "subformat=monolithicSparse", self.path(name),
+                     "%dM" % self.size], env=CLIENT_ENV)
+            with open(self.path("sw-nbdkit.raw"), "wb") as f:
+                f.truncate(self.size * MiB)
+            return [self.vddktool("file=" + self.path("sw-vddktool.vmdk")),
+                    self.nbdkit("file", self.path("sw-nbdkit.raw")),
+                    self.qemu_nbd("-f", "vmdk", "--cache=writeback",
+                                  self.path("sw-qemu.vmdk"))]
         target = self.path("write.vmdk")
         convert(self.raw, target, "monolithicFlat")
         for name in ("write-flat.vmdk", "write-nbdkit.raw", "write-qemu.raw"):
@@ -102,35 +135,41 @@ class Bench(object):
                 self.qemu_nbd("-f", "raw", "--cache=writeback",
                               self.path("write-qemu.raw"))]
 
-    def command(self, workload, uri):
-        if workload == "write":
-            return ["nbdcopy", self.raw, uri]
-        return ["nbdcopy", uri, "null:"]
+    def rate(self, workload, uri):
+        """MiB/s of one run (IOPS for randread)."""
+        if workload == "randread":
+            return fio_iops(uri)
+        if workload in ("write", "sparse-write"):
+            command = ["nbdcopy", self.raw, uri]
+        else:
+            command = ["nbdcopy", uri, "null:"]
+        return self.size / timed(command)
 
     def run(self, workload, runs):
         servers = self.servers(workload)
         try:
-            times = dict((s.name, []) for s in servers)
-            for s in servers:
-                timed(self.command(workload, s.uri))  # warm up
+            rates = dict((s.name, []) for s in servers)
+            if workload != "randread":
+                for s in servers:
+                    self.rate(workload, s.uri)  # warm up
             for _ in range(runs):
                 for s in servers:
-                    times[s.name].append(timed(self.command(workload,
-                                                            s.uri)))
+                    rates[s.name].append(self.rate(workload, s.uri))
         finally:
             for s in servers:
                 s.stop()
-        return dict((name, self.size / statistics.median(t))
-                    for name, t in times.items())
+        return dict((name, statistics.median(r))
+                    for name, r in rates.items())
 
 
 def report(workload, rates):
+    unit = "IOPS" if workload == "randread" else "MiB/s"
     ours = rates["vddktool"]
-    line = ["%-11s vddktool %6.0f MiB/s" % (workload, ours)]
+    line = ["%-12s vddktool %6.0f %s" % (workload, ours, unit)]
     for name, rate in rates.items():
         if name != "vddktool":
-            line.append("%s %6.0f MiB/s (ratio %.2f)"
-                        % (name, rate, ours / rate))
+            line.append("%s %6.0f %s (ratio %.2f)"
+                        % (name, rate, unit, ours / rate))
     print("   ".join(line), flush=True)
 
 

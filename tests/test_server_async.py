@@ -67,7 +67,8 @@ class LaterEngine(Engine):
         def finish():
             self.backend.finished(count, event)
             done(error, data)
-        timer = threading.Timer(random.uniform(0, self.backend.max_pause),
+        timer = threading.Timer(random.uniform(self.backend.min_pause,
+                                               self.backend.max_pause),
                                 finish)
         timer.daemon = True
         timer.start()
@@ -86,8 +87,9 @@ class LaterEngine(Engine):
 
 
 class LaterBackend(Backend):
-    def __init__(self, max_pause=0.005):
+    def __init__(self, max_pause=0.005, min_pause=0.0):
         super().__init__({})
+        self.min_pause = min_pause
         self.max_pause = max_pause
         self.zeros = False          # read zeros, not the pattern
         self.written = {}           # offset -> data, every connection
@@ -275,7 +277,7 @@ def handshake(sock):
 
 def test_zeroes_are_submitted_as_writes_of_zeros_in_flight_together(
         tmp_path):
-    backend = LaterBackend(max_pause=0.02)
+    backend = LaterBackend(max_pause=0.05, min_pause=0.02)
     with serving(backend, tmp_path) as uri:
         out = nbdsh_json("""
 h.connect_uri(%r)

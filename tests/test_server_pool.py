@@ -134,3 +134,32 @@ def test_a_read_failing_on_another_thread_reaches_the_caller():
         loop.run()
     assert calls[1] is not threading.current_thread()
     assert recorder.delivered == ["slow"]
+
+
+class ListRecorder(Recorder):
+    """Requests are tuples; each reply is a list of their buffers."""
+
+    def execute(self, item):
+        return list(super().execute(item))
+
+
+def test_replies_are_corked_while_cheap_requests_wait_and_sent_together():
+    # The next request is "cheap" except every fifth.
+    requests = [(b"%03d" % n,) for n in range(20)]
+    recorder = ListRecorder(requests)
+    cheap = lambda: bool(recorder.requests) and \
+        int(recorder.requests[0][0]) % 5 != 0
+    LeaderFollowers(recorder.read, recorder.execute, recorder.deliver, 4,
+                    2.0, cheap).run()
+    assert recorder.delivered == [
+        [b"%03d" % n for n in range(first, first + 5)]
+        for first in range(0, 20, 5)]
+
+
+def test_corking_stops_at_cork_bytes():
+    big = b"x" * (LeaderFollowers.CORK_BYTES // 2)
+    recorder = ListRecorder([(big,) for _ in range(6)])
+    LeaderFollowers(recorder.read, recorder.execute, recorder.deliver, 4,
+                    2.0, lambda: bool(recorder.requests)).run()
+    # Two halves fill the cork; the third reply goes out with them.
+    assert [len(reply) for reply in recorder.delivered] == [3, 3]

@@ -219,7 +219,7 @@ def test_sendfile_failure_mid_reply_drops_the_connection(unreadable_server,
     proc = nbdsh(
         "h.connect_uri(%r)\n"
         "try:\n"
-        "    h.pread(4096, 0)\n"
+        "    h.pread(%d, 0)\n"
         "    print('read')\n"
         "except nbd.Error as e:\n"
         "    print('failed')\n"
@@ -227,7 +227,7 @@ def test_sendfile_failure_mid_reply_drops_the_connection(unreadable_server,
         "h2 = nbd.NBD()\n"
         "h2.connect_uri(%r)\n"
         "print(h2.get_size())"
-        % (unreadable_server, unreadable_server))
+        % (unreadable_server, PIECE, unreadable_server))
     assert proc.stdout.split() == ["failed", "dead", str(1024 * KiB)]
     assert "dropping the connection" in capfd.readouterr().err
 

@@ -86,6 +86,14 @@ class SocketChannel(object):
                 self._start, self._end = take, n
         return True
 
+    def buffered(self, count):
+        """The next ``count`` bytes if they are already read ahead (a
+        view, valid until the next read), else None."""
+        start = self._start
+        if self._end - start >= count:
+            return self._buffer[start:start + count]
+        return None
+
     def _recv_all(self, view):
         wanted = len(view)
         got = 0
@@ -179,6 +187,9 @@ class PipeChannel(object):
         self.read_fd = read_fd
         self.write_fd = write_fd
         self.stop_fd = stop_fd
+
+    def buffered(self, count):
+        return None  # no read-ahead on pipes
 
     def read_into(self, view):
         got, wanted = 0, len(view)

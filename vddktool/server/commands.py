@@ -10,6 +10,11 @@ from .. import log
 from .. import protocol as nbd
 from ..engine import EngineError, FileRange, errno_of, in_memory
 
+# File ranges shorter than this are read into memory rather than sent
+# with sendfile(2): the same one system call, and the reply can then go
+# out in one sendmsg with its neighbours' (see LeaderFollowers' corking).
+SMALL_FILE_RANGE = 64 * 1024
+
 
 class WriteBuffers(object):
     """Buffers for write payloads, given back once the engine lets go of
@@ -135,7 +140,7 @@ class Commands(object):
         return self._structured_reply(request, pieces)
 
     def _structured_reply(self, request, pieces):
-        if not self.zero_copy:
+        if not self.zero_copy or request.length < SMALL_FILE_RANGE:
             pieces = [(start, in_memory(data) if type(data) is FileRange
                        else data) for start, data in pieces]
         try:

@@ -8,7 +8,7 @@ from .. import log
 from .. import protocol as nbd
 from ..engine import MAX_REQUEST_SIZE, PARALLEL, EngineError, SerializedEngine
 from .channels import FileSendError
-from .commands import Commands, WriteBuffers
+from .commands import SMALL_FILE_RANGE, Commands, WriteBuffers
 from .dispatch import AsyncWindow, LeaderFollowers
 
 # How long one request may run before another thread takes over reading
@@ -223,7 +223,8 @@ class Connection(object):
                             MAX_REQUEST_SIZE)).run()
         else:
             LeaderFollowers(self.next_request, commands.execute, self.send,
-                            threads, WORKER_PATIENCE_SECONDS).run()
+                            threads, WORKER_PATIENCE_SECONDS,
+                            self.small_read_ahead).run()
         # A client that leaves flushes if it cares (nbdkit does not flush
         # for it, and an fdatasync per disconnect costs seconds); a server
         # shutdown cuts clients off, so it flushes on their behalf.
@@ -233,6 +234,16 @@ class Connection(object):
                 engine.flush()
             except Exception as exc:
                 log.error("flush at disconnect: %s", exc)
+
+    def small_read_ahead(self):
+        """Whether the next request has already arrived and is a READ of
+        less than SMALL_FILE_RANGE bytes."""
+        header = self.channel.buffered(nbd.REQUEST_SIZE)
+        if header is None:
+            return False
+        magic, flags, command, cookie, offset, length = \
+            nbd.REQUEST.unpack(header)
+        return command == nbd.CMD_READ and length < SMALL_FILE_RANGE
 
     def next_request(self, admit=None):
         """The next valid request, or None when the connection ends.
