@@ -132,15 +132,20 @@ class Commands(object):
         return nbd.simple_read_reply(request.cookie, data)
 
     def _read_structured(self, request):
-        if request.flags & nbd.CMD_FLAG_DF:
-            pieces = [(request.offset,
-                       self.engine.pread(request.length, request.offset))]
-        else:
-            pieces = self.engine.pread_sparse(request.length, request.offset)
+        length = request.length
+        if length < SMALL_FILE_RANGE or request.flags & nbd.CMD_FLAG_DF:
+            # Small reads skip hole chunks and file ranges: one pread, one
+            # data chunk, the cheapest reply to build and to send.
+            data = self.engine.pread(length, request.offset)
+            if len(data) != length:
+                raise EngineError(errno.EIO, "short read from the disk")
+            return [nbd.offset_data_header(request.cookie, request.offset,
+                                           length, True), data]
+        pieces = self.engine.pread_sparse(length, request.offset)
         return self._structured_reply(request, pieces)
 
     def _structured_reply(self, request, pieces):
-        if not self.zero_copy or request.length < SMALL_FILE_RANGE:
+        if not self.zero_copy:
             pieces = [(start, in_memory(data) if type(data) is FileRange
                        else data) for start, data in pieces]
         try:
