@@ -117,6 +117,23 @@ def test_once_the_disk_stalls_slow_requests_run_side_by_side():
     assert recorder.most_concurrent >= 8
 
 
+def test_an_eager_loop_runs_requests_side_by_side_from_the_first():
+    """A latency-bound engine (VDDK): each request waits about 20 ms, far
+    below the patience, yet they overlap from the first one."""
+    recorder = Recorder(range(16), dict((i, 0.02) for i in range(16)))
+    LeaderFollowers(recorder.read, recorder.execute, recorder.deliver, 8,
+                    5.0, eager=True).run()
+    assert sorted(recorder.delivered) == list(range(16))
+    assert recorder.most_concurrent >= 4
+
+
+def test_without_eagerness_such_requests_run_one_at_a_time():
+    recorder = Recorder(range(16), dict((i, 0.02) for i in range(16)))
+    LeaderFollowers(recorder.read, recorder.execute, recorder.deliver, 8,
+                    5.0).run()
+    assert recorder.most_concurrent == 1
+
+
 def test_a_read_failing_on_another_thread_reaches_the_caller():
     """The client may hang up while a worker thread leads: the error is
     raised by run() in the connection's thread, not lost in the worker."""

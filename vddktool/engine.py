@@ -202,6 +202,12 @@ class Engine(object):
     def is_rotational(self):
         return False
 
+    def is_latency_bound(self):
+        """True when every request waits on something far away (VDDK's
+        network), so that requests on the synchronous path should run
+        side by side from the first, not after some have stalled."""
+        return False
+
     def can_submit(self):
         """True when submit_pread and submit_pwrite start a request and
         return at once (see there)."""
@@ -316,7 +322,7 @@ class _Tally(object):
 _FORWARDED_CALLS = ("get_size", "block_size", "can_write", "can_flush",
                     "can_fua", "can_trim", "can_zero", "can_fast_zero",
                     "can_extents", "can_cache", "can_multi_conn",
-                    "is_rotational", "pwrite", "flush", "trim", "zero",
+                    "is_rotational", "is_latency_bound", "pwrite", "flush", "trim", "zero",
                     "extents", "cache", "close", "submit_pread",
                     "submit_pwrite", "submit_zero")
 
@@ -388,6 +394,9 @@ class FilterEngine(Engine):
 
     def is_rotational(self):
         return self.next.is_rotational()
+
+    def is_latency_bound(self):
+        return self.next.is_latency_bound()
 
     def pwrite(self, buf, offset, flags=0):
         return self.next.pwrite(buf, offset, flags)

@@ -230,7 +230,8 @@ class Connection(object):
         else:
             LeaderFollowers(self.next_request, commands.execute, self.send,
                             threads, WORKER_PATIENCE_SECONDS,
-                            self.small_read_ahead).run()
+                            self.small_read_ahead,
+                            engine.is_latency_bound()).run()
         # A client that leaves flushes if it cares (nbdkit does not flush
         # for it, and an fdatasync per disconnect costs seconds); a server
         # shutdown cuts clients off, so it flushes on their behalf.

@@ -33,7 +33,8 @@ class LeaderFollowers(object):
     write now and then waits for writeback), the disk is deemed slow: the
     leader then hands reading to a waiting thread as soon as it has a
     request, so up to ``size`` slow requests run at once without each
-    waiting ``patience`` first.
+    waiting ``patience`` first.  An ``eager`` loop (an engine that is
+    latency-bound) does so from the first request.
 
     Time spent sending never counts: a leader blocked on the socket means
     the client is the bottleneck, which more threads would not help.
@@ -62,11 +63,12 @@ class LeaderFollowers(object):
     LONGEST_NAP = 8
 
     def __init__(self, read, execute, deliver, size, patience,
-                 cheap_ahead=lambda: False):
+                 cheap_ahead=lambda: False, eager=False):
         self._read = read
         self._execute = execute
         self._deliver = deliver
         self._cheap_ahead = cheap_ahead
+        self._eager = eager
         self._size = size
         self._patience = patience
         self._lock = threading.Lock()
@@ -131,7 +133,8 @@ class LeaderFollowers(object):
                         deliver(corked)
                     return
                 started = self._last_request = monotonic()
-                if self._stall_share >= self.SLOW_STALL_SHARE:
+                if self._eager or \
+                        self._stall_share >= self.SLOW_STALL_SHARE:
                     self._hand_over()
                 if self._leader is me:
                     self._busy_since = started
