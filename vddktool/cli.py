@@ -10,7 +10,6 @@ in the final process, serve.
 """
 
 import getopt
-import importlib
 import os
 import re
 import socket
@@ -18,16 +17,16 @@ import sys
 import threading
 import traceback
 
-from . import __version__, lifecycle, log, params
-from .backends import backend_class, choose_backend
+from . import __version__, filters, lifecycle, log, params
+from .backends import choose_backend
 from .engine import EngineError, UsageError
+from .usage import PLUGIN_WORD, dump_plugin_lines, help_text
 from .vmdk.extent import VmdkError
 
 # The command line as it was, for anything that must re-exec the process
 # (VDDK needs LD_LIBRARY_PATH set before the program starts).
 ORIGINAL_ARGV = list(sys.argv)
 
-PLUGIN_WORD = "vddk"
 DEFAULT_THREADS = 16
 MAX_EXPORT_NAME = 4096
 
@@ -44,10 +43,6 @@ LONG_OPTIONS = [
 # Set once the process has forked into the background: from then on
 # errors can only reach the log, never the terminal.
 _daemonized = False
-
-# Filters (--filter=NAME) register their module here when they arrive;
-# each module provides what the server needs to wrap the engine.
-FILTER_MODULES = {}
 
 TLS_MODES = ("off", "on", "require")
 LOG_DESTINATIONS = ("stderr", "syslog", "null")
@@ -78,7 +73,7 @@ class Options(object):
         self.show_help = False
         self.show_version = False
         self.dump_plugin = False
-        self.filters = []
+        self.filters = []               # names, nearest the client first
         self.tls = "off"
         self.tls_certificates = None
         self.tls_verify_peer = False
@@ -106,6 +101,7 @@ def parse_command_line(argv):
         words = words[1:]
     for word in words:
         _apply_parameter(options, word)
+    filters.check_parameters(options.filters, options.given)
     return options
 
 
@@ -156,7 +152,8 @@ def _apply_option(options, option, value):
     elif option == "--dump-plugin":
         options.dump_plugin = True
     elif option == "--filter":
-        options.filters.append(find_filter(value))
+        filters.filter_class(value)     # refuses an unknown name now
+        options.filters.append(value)
     elif option == "--tls":
         options.tls = parse_tls(value)
     elif option == "--tls-certificates":
@@ -250,21 +247,10 @@ def parse_tls(value):
     return value
 
 
-def find_filter(name):
-    module_name = FILTER_MODULES.get(name)
-    if module_name is None:
-        raise UsageError("--filter=%s: no such filter (remove the --filter "
-                         "option; vddktool has no filters yet)" % name)
-    return importlib.import_module(module_name, __package__)
-
-
 def _apply_parameter(options, word):
     key, sep, text = word.partition("=")
     if not (sep and _KEY_RE.match(key)):
         key, text = params.MAGIC_PARAM, word
-    if key not in params.BY_NAME:
-        raise UsageError("%s: unknown parameter (see --help for the list of "
-                         "parameters)" % key)
     if key in options.given:
         raise UsageError("%s: given twice (give each parameter once)" % key)
     options.values[key] = params.parse_assignment(key, text)
@@ -309,92 +295,6 @@ def check_options(options, activated):
 
 
 # ---------------------------------------------------------------------------
-# --help, --version, --dump-plugin
-
-HELP_OPTIONS = """\
-Options:
-  -U, --unix SOCKET     listen on a Unix socket (-U - : a private one)
-  -p, --port PORT       listen on this TCP port (default 10809)
-  -i, --ipaddr ADDRESS  listen on this address only
-  -s, --single          serve one client on stdin/stdout
-  --run 'COMMAND'       run COMMAND with $uri set, stop when it exits
-  -f, --foreground      do not fork into the background
-  -P, --pidfile FILE    write the server's process ID to FILE
-  --exit-with-parent    stop when the parent process exits
-  -r, --readonly        serve the disk read-only
-  -e, --exportname NAME the export name to announce and put in $uri
-  -t, --threads N       requests in flight per connection (default 16)
-  -v, --verbose         print debug messages
-  -D, --debug NAME.FLAG=N  set a debug flag
-  --log=stderr|syslog|null  where messages go
-  --tls=off             TLS (only off for now)
-  --filter=NAME         insert a filter (none available yet)
-  --dump-plugin         print facts about the engines and exit
-  -V, --version         print the version and exit
-  -h, --help            print this help and exit
-"""
-
-
-def help_text():
-    lines = [
-        "usage: vddktool [OPTIONS] [vddk] [file=]FILENAME "
-        "[KEY=VALUE ...]",
-        "",
-        "Serve a VMware virtual disk over NBD, like nbdkit's VDDK plugin.",
-        "",
-        HELP_OPTIONS,
-        "Parameters:",
-    ]
-    for param in params.PARAMS:
-        spelling = "%s=%s" % (param.name, param.metavar)
-        if param.name == params.MAGIC_PARAM:
-            spelling = "[%s=]%s" % (param.name, param.metavar)
-        lines.append("  %s" % spelling)
-        lines.append("      %s" % param.summary)
-    lines.append("")
-    lines.append("See vddktool(1) for the details.")
-    return "\n".join(lines) + "\n"
-
-
-# The plugin interface nbdkit would report for an equivalent plugin.
-PLUGIN_CALLBACKS = (
-    "dump_plugin", "config", "config_complete", "config_help", "get_ready",
-    "after_fork", "cleanup", "list_exports", "export_description", "open",
-    "close", "get_size", "block_size", "can_write", "can_flush", "can_fua",
-    "can_zero", "can_extents", "can_multi_conn", "pread", "pwrite", "flush",
-    "zero", "extents",
-)
-
-
-def program_path():
-    """The file this program runs from: the zipapp, or the package."""
-    archive = sys.argv[0] if sys.argv and sys.argv[0].endswith(".pyz") \
-        else None
-    return os.path.abspath(archive or os.path.dirname(__file__))
-
-
-def dump_plugin_lines(values):
-    lines = [
-        "path=%s" % program_path(),
-        "name=%s" % PLUGIN_WORD,
-        "version=%s" % __version__,
-        "api_version=2",
-        "max_thread_model=parallel",
-        "thread_model=parallel",
-        "errno_is_preserved=1",
-        "magic_config_key=%s" % params.MAGIC_PARAM,
-    ]
-    lines.extend("has_%s=1" % name for name in PLUGIN_CALLBACKS)
-    try:
-        vddk_backend = backend_class("vddk")
-    except ImportError as e:
-        log.debug("--dump-plugin: the VDDK engine is unavailable: %s", e)
-    else:
-        lines.extend(vddk_backend.dump_plugin(values))
-    return lines
-
-
-# ---------------------------------------------------------------------------
 # running
 
 
@@ -414,8 +314,8 @@ def main(argv=None):
         for name, value in options.debug_flags:
             log.set_debug_flag(name, value)
         if options.dump_plugin:
-            sys.stdout.write("".join(line + "\n" for line in
-                                     dump_plugin_lines(options.values)))
+            lines = dump_plugin_lines(options.values, options.filters)
+            sys.stdout.write("".join(line + "\n" for line in lines))
             return 0
         status = run_server(options)
         _exit_if_threads_linger(status)
@@ -452,8 +352,9 @@ def run_server(options):
     check_options(options, activated)
     params.check_disk(options.values)
 
-    backend = choose_backend(options.values)(options.values,
-                                             options.readonly)
+    backend = filters.build_stack(options.filters,
+                                  choose_backend(options.values),
+                                  options.values, options.readonly)
     backend.config_complete()
     # May re-exec this process: the activation variables must survive it.
     backend.get_ready()

@@ -16,10 +16,11 @@ from .engine import UsageError
 
 
 def parse_bool(text):
+    """Booleans as nbdkit spells them (t, y, f and n too)."""
     low = text.strip().lower()
-    if low in ("1", "true", "yes", "on"):
+    if low in ("1", "true", "t", "yes", "y", "on"):
         return True
-    if low in ("0", "false", "no", "off", ""):
+    if low in ("0", "false", "f", "no", "n", "off", ""):
         return False
     raise ValueError("is not a boolean (use true or false)")
 
@@ -40,6 +41,76 @@ def parse_size(text):
     if value >= 1 << 63:
         raise ValueError("is too large")
     return value
+
+
+def parse_unsigned(text):
+    if not text.strip().isdigit():
+        raise ValueError("is not a whole number (use 0 or more, such as 5)")
+    return int(text)
+
+
+def parse_positive(text):
+    value = parse_unsigned(text)
+    if value == 0:
+        raise ValueError("must not be 0")
+    return value
+
+
+def parse_seconds(text):
+    """A time in seconds, fractions allowed (burstiness=2.5)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("is not a number of seconds (such as 2 or 0.5)")
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a number of seconds above 0")
+    return value
+
+
+def size_limited(low, high, power_of_two=False):
+    """A parse_size that insists on low <= size <= high (and a power of
+    two): the message says which rule was broken."""
+    def parse(text):
+        value = parse_size(text)
+        if power_of_two and value & (value - 1):
+            raise ValueError("is not a power of two (such as %s)"
+                             % _size_text(max(low, 1)))
+        if not low <= value <= high:
+            raise ValueError("is out of range (use %s to %s)"
+                             % (_size_text(low), _size_text(high)))
+        return value
+    return parse
+
+
+def _size_text(value):
+    for suffix, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if value >= 1 << shift and not value % (1 << shift):
+            return "%d%s" % (value >> shift, suffix)
+    return str(value)
+
+
+def parse_bits_per_second(text):
+    """A rate in bits per second, with nbdkit's size suffixes: 8M is
+    8388608 bits (1 MiB) per second."""
+    value = parse_size(text)
+    if value == 0:
+        raise ValueError("must not be 0 (drop the parameter for no limit)")
+    return value
+
+
+def parse_absolute_path(text):
+    """A path, made absolute now: the daemon later runs in /."""
+    return os.path.abspath(parse_nonempty(text))
+
+
+def parse_bool_or_path(text):
+    """true, false, or an absolute /PATH (on while PATH exists)."""
+    if text.startswith("/"):
+        return text
+    try:
+        return parse_bool(text)
+    except ValueError:
+        raise ValueError("is not true, false or an absolute /PATH")
 
 
 def parse_port(text):
@@ -268,6 +339,16 @@ PARAMS = [
           "accepted and ignored, for old command lines", "remote"),
 ]
 
+# The filters' parameters: group "filter:NAME" is --filter=NAME's.  Sizes
+# and defaults are nbdkit's.
+UINT32_MAX = 0xffffffff
+FILTER_PARAMS = [
+    Param("limit", parse_unsigned, 1, "N",
+          "clients served at once (default 1, 0: no limit)",
+          "filter:limit"),
+]
+PARAMS.extend(FILTER_PARAMS)
+
 BY_NAME = dict((p.name, p) for p in PARAMS)
 
 # The first bare word on the command line (no '=') is file=.
@@ -283,17 +364,27 @@ def defaults():
     return dict((p.name, p.default) for p in PARAMS)
 
 
+def filter_of(name):
+    """The filter a parameter belongs to, or None for the engines'."""
+    group = BY_NAME[name].group
+    return group[len("filter:"):] if group.startswith("filter:") else None
+
+
 def parse_assignment(name, text):
-    """Parse one KEY=VALUE; raise UsageError naming the parameter."""
+    """Parse one KEY=VALUE; raise UsageError naming the parameter (and
+    the filter whose it is)."""
     param = BY_NAME.get(name)
     if param is None:
-        raise UsageError("unknown parameter %r (see --help for the list of "
-                         "parameters)" % name)
+        raise UsageError("%s: unknown parameter: no filter or engine takes "
+                         "it (see --help for the list of parameters)"
+                         % name)
     try:
         return param.parse(text)
     except ValueError as e:
         shown = "***" if name in ("password", "cookie") else text
-        raise UsageError("%s: %r %s" % (name, shown, e))
+        owner = filter_of(name)
+        raise UsageError("%s%s: %r %s" % (
+            name, " (--filter=%s)" % owner if owner else "", shown, e))
 
 
 def is_remote(values):
