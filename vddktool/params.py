@@ -343,6 +343,15 @@ PARAMS = [
 # and defaults are nbdkit's.
 UINT32_MAX = 0xffffffff
 FILTER_PARAMS = [
+    Param("minblock", size_limited(1, 64 * 1024, power_of_two=True), None,
+          "SIZE", "alignment and smallest request passed down (a power "
+          "of two to 64K)", "filter:blocksize"),
+    Param("maxdata", size_limited(1, UINT32_MAX), None, "SIZE",
+          "largest read or write passed down (default 64M)",
+          "filter:blocksize"),
+    Param("maxlen", size_limited(1, UINT32_MAX), None, "SIZE",
+          "largest trim, zero or extents query passed down",
+          "filter:blocksize"),
     Param("limit", parse_unsigned, 1, "N",
           "clients served at once (default 1, 0: no limit)",
           "filter:limit"),

@@ -13,6 +13,7 @@ from ..engine import PARALLEL, UsageError, stricter
 
 # NAME -> module in this package, imported only when used.
 FILTER_MODULES = {
+    "blocksize": "blocksize",
     "cacheextents": "cacheextents",
     "limit": "limit",
     "noextents": "noextents",
