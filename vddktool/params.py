@@ -352,6 +352,15 @@ FILTER_PARAMS = [
     Param("maxlen", size_limited(1, UINT32_MAX), None, "SIZE",
           "largest trim, zero or extents query passed down",
           "filter:blocksize"),
+    Param("cow-block-size", size_limited(4096, 1 << 31, power_of_two=True),
+          64 * 1024, "SIZE", "unit of the overlay (a power of two from "
+          "4K; default 64K)", "filter:cow"),
+    Param("cow-on-read", parse_bool_or_path, False, "true|false|/PATH",
+          "also keep what is read in the overlay (/PATH: while PATH "
+          "exists)", "filter:cow"),
+    Param("cow-on-cache", parse_bool, False, "true",
+          "keep what cache (prefetch) requests read in the overlay",
+          "filter:cow"),
     Param("limit", parse_unsigned, 1, "N",
           "clients served at once (default 1, 0: no limit)",
           "filter:limit"),

@@ -15,6 +15,7 @@ from ..engine import PARALLEL, UsageError, stricter
 FILTER_MODULES = {
     "blocksize": "blocksize",
     "cacheextents": "cacheextents",
+    "cow": "cow",
     "limit": "limit",
     "noextents": "noextents",
 }
