@@ -18,6 +18,7 @@ FILTER_MODULES = {
     "cow": "cow",
     "limit": "limit",
     "noextents": "noextents",
+    "rate": "rate",
 }
 
 NAMES = sorted(FILTER_MODULES)
