@@ -374,6 +374,17 @@ FILTER_PARAMS = [
     Param("burstiness", parse_seconds, 2.0, "SECS",
           "how long a client may go at full speed after a pause "
           "(default 2)", "filter:rate"),
+    Param("retries", parse_unsigned, 5, "N",
+          "how many times a failed request is retried (default 5, 0: "
+          "never)", "filter:retry"),
+    Param("retry-delay", parse_positive, 2, "N",
+          "seconds to wait before the first retry (default 2)",
+          "filter:retry"),
+    Param("retry-exponential", parse_bool, True, "yes|no",
+          "double the wait at each retry (default yes)", "filter:retry"),
+    Param("retry-readonly", parse_bool, False, "yes|no",
+          "after a failure, reopen the disk read-only (default no)",
+          "filter:retry"),
     Param("limit", parse_unsigned, 1, "N",
           "clients served at once (default 1, 0: no limit)",
           "filter:limit"),

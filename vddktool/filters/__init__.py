@@ -19,6 +19,7 @@ FILTER_MODULES = {
     "limit": "limit",
     "noextents": "noextents",
     "rate": "rate",
+    "retry": "retry",
 }
 
 NAMES = sorted(FILTER_MODULES)
