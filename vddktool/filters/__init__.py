@@ -19,7 +19,9 @@ FILTER_MODULES = {
     "limit": "limit",
     "noextents": "noextents",
     "rate": "rate",
+    "readahead": "readahead",
     "retry": "retry",
+    "scan": "scan",
 }
 
 NAMES = sorted(FILTER_MODULES)
