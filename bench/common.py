@@ -38,13 +38,14 @@ class Served(object):
     """A server started on a Unix socket; stop() (or leaving a with-block)
     ends it and removes the socket."""
 
-    def __init__(self, name, argv, sock):
+    def __init__(self, name, argv, sock, env=None):
         self.name = name
         self.sock = sock
         self.uri = "nbd+unix:///?socket=" + sock
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL,
-                                     env=CLIENT_ENV, cwd=ROOT)
+                                     env=dict(CLIENT_ENV, **(env or {})),
+                                     cwd=ROOT)
         deadline = time.monotonic() + 30
         while not os.path.exists(sock):
             if self.proc.poll() is not None or time.monotonic() > deadline:

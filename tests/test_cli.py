@@ -102,7 +102,7 @@ def test_bad_port(port):
     assert fails("-p", port, "/x").startswith("vddktool: -p: ")
 
 
-@pytest.mark.parametrize("threads", ["0", "many", "-3"])
+@pytest.mark.parametrize("threads", ["many", "-3", "1.5"])
 def test_bad_threads(threads):
     assert fails("--threads=" + threads, "/x").startswith(
         "vddktool: --threads: ")
@@ -190,13 +190,22 @@ def test_unknown_parameter():
         "vddktool: colour: unknown parameter")
 
 
-def test_parameter_given_twice(disk):
-    assert fails("file=" + disk, "file=" + disk).startswith(
-        "vddktool: file: given twice")
+@pytest.mark.parametrize("threads,count", [("0", cli.DEFAULT_THREADS),
+                                           ("1", 1), ("64", 64)])
+def test_threads_0_means_the_default(threads, count):
+    assert cli.parse_command_line(["-t", threads, "/d.vmdk"]).threads == \
+        count
 
 
-def test_second_bare_word_is_file_given_twice(disk):
-    assert fails(disk, disk).startswith("vddktool: file: given twice")
+def test_a_parameter_given_twice_takes_the_last_value():
+    # Wrappers append overrides to a command line, as with nbdkit.
+    options = cli.parse_command_line(
+        ["/a.vmdk", "single-link=true", "file=/b.vmdk", "single-link=false",
+         "/c.vmdk"])
+    assert options.values["file"] == "/c.vmdk"
+    assert options.values["single-link"] is False
+    assert options.given == ["file", "single-link"]
+    assert options.repeated == ["file", "single-link", "file"]
 
 
 def test_bad_parameter_value_names_the_parameter(disk):

@@ -105,14 +105,14 @@ def unclean_flag(path):
 # has at least one wrong piece, so every one of them must be refused.
 WRONG_PIECES = [
     ["--no-such-option"], ["-Z"], ["-p"], ["-p", "0"], ["-p", "65536"],
-    ["-p", "ten"], ["-t", "0"], ["-t", "-3"], ["-t", "many"],
+    ["-p", "ten"], ["-t", "-3"], ["-t", "many"],
     ["-D", "noflag"], ["-D", "vddk.stats=x"], ["-D", "=1"],
     ["--log=file"], ["--tls=on"], ["--tls=maybe"], ["--filter=cache"],
     ["--oldstyle"], ["-e", "x" * 5000], ["-e", "\udcff"], ["--version=1"],
     ["--run"],
     ["nosuchparam=1"], ["create-size=12Q"], ["create-size=100"],
     ["create-size=-1M"], ["create-type=qcow2"], ["compression=gzip"],
-    ["thumbprint=12:34"], ["create-hwversion=banana"],
+    ["thumbprint="], ["create-hwversion=banana"],
     ["create-adapter-type=usb"], ["single-link=perhaps"], ["vm=42"],
     ["password=-1"], ["password=+/nonexistent/pw"], ["port=0"],
     ["unbuffered=yes please"], ["-U", "-"],

@@ -72,7 +72,6 @@ def test_the_first_filter_is_nearest_the_client(tmp_path, start_server,
      "scan-size (--filter=scan): '64M' is out of range (use 512 to 32M)"),
     (["--filter=limit", "limit=many"],
      "limit (--filter=limit): 'many' is not a whole number"),
-    (["--filter=limit", "limit=2", "limit=3"], "limit: given twice"),
 ])
 def test_mistakes(disk, args, message):
     line = fails(*(args + [disk]))

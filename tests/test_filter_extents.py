@@ -88,13 +88,20 @@ def test_qemu_img_map_queries_vddk_once(fake_vddk, start_server, filters,
         assert queries >= 5
 
 
-def test_asynchronous_writes_forget_the_cache(tmp_path):
+ZERO_AFTER_WRITE = MAP_AFTER_WRITE + """
+h.zero(65536, 65536)
+print(json.dumps(extents()))
+"""
+
+
+def test_asynchronous_writes_and_zeroes_forget_the_cache(tmp_path):
     memory = MemoryBackend(bytes(MiB), asynchronous=True)
     backend = CacheExtentsFilter(memory, {})
     with serving(backend, tmp_path) as uri:
-        answers = json.loads(nbdsh(uri, MAP_AFTER_WRITE).stdout)
+        lines = nbdsh(uri, ZERO_AFTER_WRITE).stdout.splitlines()
     assert memory.calls_named("submit_pwrite")
-    assert answers[1][:4] == [65536, 3, 65536, 0]
-    # The first query was answered by the engine, the second too (the
-    # write forgot the first answer): two queries in all.
-    assert len(memory.calls_named("extents")) == 2
+    assert json.loads(lines[0])[1][:4] == [65536, 3, 65536, 0]
+    assert json.loads(lines[1]) == [MiB, 3]
+    # Every query was answered by the engine (each change forgot the
+    # answer before): three queries in all.
+    assert len(memory.calls_named("extents")) == 3

@@ -154,10 +154,14 @@ def test_socket_path_holding_a_file_is_refused(disk, tmp_path):
     assert path.read_text() == "keep me"
 
 
-def test_killed_run_command_is_a_failure(disk):
-    proc = vddktool("-U", "-", disk, "--run", "kill -9 $$", check=False)
-    assert proc.returncode == 1
-    assert "killed by signal 9" in proc.stderr
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM,
+                                    signal.SIGUSR1])
+def test_killed_run_command_exits_128_plus_the_signal(disk, signum):
+    # As nbdkit and the shell report it.
+    proc = vddktool("-U", "-", disk, "--run", "kill -%d $$" % signum,
+                    check=False)
+    assert proc.returncode == 128 + signum
+    assert "killed by signal %d" % signum in proc.stderr
 
 
 # ---------------------------------------------------------------------------
@@ -378,6 +382,22 @@ def test_data_written_before_sigterm_is_on_disk(start_server, disk,
 
 
 # ---------------------------------------------------------------------------
+# a parameter given twice
+
+
+def test_the_last_of_a_repeated_parameter_wins_and_v_says_so(disk,
+                                                             tmp_path):
+    need("qemu-img")
+    other = str(tmp_path / "other.vmdk")
+    run(["qemu-img", "create", "-q", "-f", "vmdk", other, "3M"])
+    proc = vddktool("-v", "-U", "-", "file=" + disk, other,
+                    "--run", "nbdinfo --size \"$uri\"", env=CLIENT_ENV)
+    assert proc.stdout.strip() == str(3 * 1024 * 1024)
+    assert "file= is given more than once: the last one counts" \
+        in proc.stderr
+
+
+# ---------------------------------------------------------------------------
 # -r, -e, -t
 
 
@@ -404,6 +424,14 @@ def test_writable_without_readonly(start_server, disk):
     proc = run(["qemu-io", "-f", "raw", "-c", "write -P 7 0 512", "-c",
                 "read -P 7 0 512", server.qemu_uri])
     assert "failed" not in proc.stdout + proc.stderr
+
+
+def test_threads_0_serves_like_the_default(start_server, disk, tmp_path):
+    need("nbdcopy")
+    server = start_server("-t", "0", disk)
+    out = str(tmp_path / "copy.raw")
+    run(["nbdcopy", "--requests=16", server.uri, out])
+    assert os.path.getsize(out) == DISK_SIZE
 
 
 def test_one_thread_still_serves_many_requests(start_server, disk,

@@ -87,7 +87,7 @@ def test_wrong_password_errors_do_not_repeat_it(fake_vddk, tmp_path):
 
 
 @pytest.mark.parametrize("mistake", [
-    "thumbprint=nothex",       # refused while parsing, after password=
+    "thumbprint=",             # refused while parsing, after password=
     "port=seventy",
     "server=",
 ])

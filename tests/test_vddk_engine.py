@@ -15,7 +15,8 @@ from fake_vddk.fixtures import (fake_vddk, load_helpers,  # noqa: F401
 from vddktool import log, params
 from vddktool.engine import EXTENT_HOLE, EXTENT_ZERO, FLAG_FUA, EngineError
 from vddktool.vddk import abi
-from vddktool.vddk.backend import COMPLETIONS, VddkBackend
+from vddktool.vddk.backend import VddkBackend
+from vddktool.vddk.disk import COMPLETIONS
 from vddktool.vddk.stats import STATS
 
 MiB = 1024 * 1024
@@ -186,7 +187,9 @@ def test_read_fault_is_eio_with_vddk_text_and_next_read_works(
     assert caught.value.errno == errno.EIO
     assert "VixDiskLib_ReadAsync" in caught.value.message
     assert "VixError" in caught.value.message
-    assert "VixDiskLib_ReadAsync" in capfd.readouterr().err
+    # The server logs the failure with the request it belongs to; the
+    # engine logging it too would say it twice.
+    assert "VixDiskLib_ReadAsync" not in capfd.readouterr().err
     assert len(engine.pread(4096, 0)) == 4096
 
 
@@ -215,11 +218,14 @@ def test_close_waits_closes_and_disconnects(fake_vddk, backend_for):
     assert fake_vddk.call_names()[-3:] == ["Wait", "Close", "Disconnect"]
 
 
-def test_init_happens_after_fork_and_exit_at_cleanup(fake_vddk, steer):
+def test_init_happens_after_fork_and_exit_at_cleanup(fake_vddk, steer,
+                                                    tmp_path):
     steer(fake_vddk)
+    config = tmp_path / "vddk.conf"
+    config.write_text("")
     settings = params.defaults()
     settings.update(libdir=fake_vddk.libdir, file=fake_vddk.local_disk(),
-                    config="/etc/vddk.conf")
+                    config=str(config))
     backend = VddkBackend(settings)
     backend.config_complete()
     backend.get_ready()
@@ -227,7 +233,7 @@ def test_init_happens_after_fork_and_exit_at_cleanup(fake_vddk, steer):
     backend.after_fork()
     init = fake_vddk.calls("InitEx")[0]
     assert (init["libdir"], init["config"]) == (fake_vddk.libdir,
-                                                "/etc/vddk.conf")
+                                                str(config))
     backend.cleanup()
     assert fake_vddk.call_names()[-1] == "Exit"
 
@@ -447,7 +453,13 @@ def test_no_extents_without_query_allocated_blocks(make_fake_vddk,
 # -- statistics
 
 
-def test_stats_count_calls_and_bytes(fake_vddk, open_engine):
+@pytest.fixture
+def stats_flag(monkeypatch):
+    """-D vddk.stats=1: only then are completions timed."""
+    monkeypatch.setitem(log._flags, "vddk.stats", 1)
+
+
+def test_stats_count_calls_and_bytes(fake_vddk, open_engine, stats_flag):
     engine = open_engine(fake_vddk, file=fake_vddk.local_disk(size=MiB))
     before = STATS.snapshot().get("ReadAsync", (0, 0, 0))
     engine.pread(8192, 0)
@@ -458,7 +470,14 @@ def test_stats_count_calls_and_bytes(fake_vddk, open_engine):
     assert seconds >= before[0]
 
 
-def test_stats_table_is_sorted_by_time(fake_vddk, open_engine):
+def test_no_timing_without_the_stats_flag(fake_vddk, open_engine):
+    engine = open_engine(fake_vddk, file=fake_vddk.local_disk(size=MiB))
+    before = STATS.snapshot().get("ReadAsync", (0, 0, 0))
+    engine.pread(8192, 0)
+    assert STATS.snapshot().get("ReadAsync", (0, 0, 0)) == before
+
+
+def test_stats_table_is_sorted_by_time(fake_vddk, open_engine, stats_flag):
     engine = open_engine(fake_vddk, file=fake_vddk.local_disk(size=MiB))
     engine.pread(4096, 0)
     lines = STATS.report_lines()

@@ -39,19 +39,26 @@ def test_secrets_become_inherited_pipes():
     assert "hunter2" not in " ".join(argv) and "c00kie" not in " ".join(argv)
     password_fd = int(argv[3][len("password=-"):])
     cookie_fd = int(argv[5][len("cookie=-"):])
-    assert env == {"VDDKTOOL_COOKIE_FD": str(cookie_fd)}
+    assert env == {"VDDKTOOL_COOKIE_FD": str(cookie_fd),
+                   "VDDKTOOL_PASSWORD_FD": str(password_fd)}
     for fd in (password_fd, cookie_fd):
         assert fd > 2 and os.get_inheritable(fd)
     assert read_all(password_fd) == b"hunter2\n"
     assert read_all(cookie_fd) == b"c00kie\n"
 
 
-def test_password_pipe_reads_back_exactly_even_with_a_newline():
+def test_password_pipe_reads_back_exactly_even_with_a_newline(monkeypatch):
+    # A user's -FD gives its first line only; the re-exec's own pipe,
+    # named in the new process's environment, is read whole.
+    env = {}
     argv = reexec.hide_secrets(["password=x"],
                                {"password": params.Secret("two\nlines\n")},
-                               {})
+                               env)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     assert params.read_password(argv[0].split("=", 1)[1]).value == \
         "two\nlines\n"
+    assert "VDDKTOOL_PASSWORD_FD" not in os.environ
 
 
 def test_cookie_is_recovered_from_its_pipe():

@@ -12,6 +12,8 @@ from conftest import CLIENT_ENV, need, run
 from fake_vddk.fixtures import FakeVddk, fake_vddk, make_fake_vddk  # noqa: F401
 
 MiB = 1024 * 1024
+SAMPLE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                             "fake_vddk", "sample-vddk.conf")
 THUMBPRINT = "B2:31:BD:DE:9F:DB:9D:E0:78:EF:30:42:8A:41:B0:28:92:93:C8:DD"
 
 
@@ -165,8 +167,7 @@ EVERY_PARAMETER = [
     ("transports=nbd:nbdssl", "ConnectEx", "transports", "nbd:nbdssl"),
     ("port=4443", "ConnectEx", "port", "4443"),
     ("nfchostport=9020", "ConnectEx", "nfcHostPort", "9020"),
-    ("config=/etc/vmware/vddk.conf", "InitEx", "config",
-     "/etc/vmware/vddk.conf"),
+    ("config=" + SAMPLE_CONFIG, "InitEx", "config", SAMPLE_CONFIG),
 ]
 
 
@@ -307,7 +308,10 @@ except nbd.Error as e:
 print(h.pread(512, 0) == %r)
 """ % (MiB // 2, pattern(MiB)[:512]))
     assert out.stdout.split() == ["errno", "True", "True"]
-    assert "VixDiskLib_ReadAsync" in server.log()
+    failures = [line for line in server.log().splitlines()
+                if "VixDiskLib_ReadAsync" in line]
+    assert len(failures) == 1, failures  # logged once, with the request
+    assert "READ at offset %d" % (MiB // 2) in failures[0]
     assert run([need("nbdinfo"), "--size", server.uri]).returncode == 0
 
 

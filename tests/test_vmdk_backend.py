@@ -153,12 +153,12 @@ def test_a_file_we_may_not_write_is_served_read_only(image, monkeypatch,
     from vddktool.vmdk.extent import VmdkError
     real_disk = backend_module.Disk
 
-    def disk_refusing_writes(path, writable=False, single_link=False):
+    def disk_refusing_writes(path, writable=False, **options):
         if writable:
             error = VmdkError("%s: cannot open: Permission denied" % path)
             error.errno = errno.EACCES
             raise error
-        return real_disk(path, writable, single_link)
+        return real_disk(path, writable, **options)
 
     monkeypatch.setattr(backend_module, "Disk", disk_refusing_writes)
     backend = backend_for(file=str(image))

@@ -45,7 +45,7 @@ def zero_map(entries, is_zero):
 def test_nbdinfo_map_agrees_with_qemu_img_map(tmp_path, start_server):
     need("nbdinfo")
     child = make_chain(tmp_path)
-    server = start_server("file=%s" % child)
+    server = start_server("-r", "file=%s" % child)
     ours = json.loads(run(["nbdinfo", "--map", "--json", server.uri]).stdout)
     theirs = json.loads(qemu_img("map", "--output=json", child).stdout)
     expected = zero_map(theirs, lambda e: e["zero"])

@@ -67,14 +67,16 @@ def _marker(sectors, kind):
 
 
 def build_stream(path, data, grain_sectors=128, level=6, zeroed=(),
-                 keep_zero_grains=False, footer=True, markers=True):
+                 keep_zero_grains=False, footer=True, markers=True,
+                 extent_name=None):
     """A streamOptimized file from ``data``: VMware's layout (gdOffset all
     ones, footer, end-of-stream) or, with footer=False, a real gdOffset in
     the header.  Zero grains are left out unless keep_zero_grains; grains
     in ``zeroed`` get the zeroed-grain table entry.  markers=False stores
     bare zlib streams (and no table markers), as the old compressed
-    hosted format did.  Returns the set of grain indices stored with
-    data."""
+    hosted format did.  The embedded descriptor's extent line names
+    ``extent_name`` (default: the file's own name).  Returns the set of
+    grain indices stored with data."""
     assert len(data) % SECTOR == 0
     capacity = len(data) // SECTOR
     grain = grain_sectors * SECTOR
@@ -84,7 +86,8 @@ def build_stream(path, data, grain_sectors=128, level=6, zeroed=(),
              | ((1 << 2) if zeroed else 0))
     desc = _pad(('# Disk DescriptorFile\nversion=1\nCID=fffffffe\n'
                  'parentCID=ffffffff\ncreateType="streamOptimized"\n'
-                 'RW %d SPARSE "%s"\n' % (capacity, os.path.basename(path))
+                 'RW %d SPARSE "%s"\n' % (capacity, extent_name or
+                                          os.path.basename(path))
                  ).encode())
     out = bytearray(SECTOR)
     out += desc

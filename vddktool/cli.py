@@ -36,8 +36,8 @@ LONG_OPTIONS = [
     "exit-with-parent", "filter=", "foreground", "no-fork", "help",
     "ipaddr=", "ip-addr=", "log=", "newstyle", "oldstyle", "pidfile=",
     "pid-file=", "port=", "readonly", "read-only", "run=", "single",
-    "stdin", "threads=", "tls=", "tls-certificates=", "tls-verify-peer",
-    "unix=", "verbose", "version",
+    "stdin", "threads=", "thumbprint=", "tls=", "tls-certificates=",
+    "tls-verify-peer", "unix=", "verbose", "version",
 ]
 
 # Set once the process has forked into the background: from then on
@@ -73,12 +73,14 @@ class Options(object):
         self.show_help = False
         self.show_version = False
         self.dump_plugin = False
+        self.thumbprint_of = None       # --thumbprint HOST[:PORT]
         self.filters = []               # names, nearest the client first
         self.tls = "off"
         self.tls_certificates = None
         self.tls_verify_peer = False
         self.values = params.defaults()
         self.given = []                 # parameter names, in order given
+        self.repeated = []              # names given more than once
 
     @property
     def listens_on_tcp(self):
@@ -151,6 +153,8 @@ def _apply_option(options, option, value):
         options.show_help = True
     elif option == "--dump-plugin":
         options.dump_plugin = True
+    elif option == "--thumbprint":
+        options.thumbprint_of = _nonempty(option, value)
     elif option == "--filter":
         filters.filter_class(value)     # refuses an unknown name now
         options.filters.append(value)
@@ -214,11 +218,12 @@ def parse_export_name(option, value):
 
 
 def parse_threads(option, value):
-    if not value.isdigit() or int(value) < 1:
+    """-t N; 0 means the default, as in nbdkit."""
+    if not value.isdigit():
         raise UsageError("%s: %r is not a number of threads (use a whole "
-                         "number of 1 or more, for example %s 16)"
+                         "number, for example %s 16; 0 means the default)"
                          % (option, value, option))
-    return int(value)
+    return int(value) or DEFAULT_THREADS
 
 
 def parse_debug_flag(option, value):
@@ -251,10 +256,13 @@ def _apply_parameter(options, word):
     key, sep, text = word.partition("=")
     if not (sep and _KEY_RE.match(key)):
         key, text = params.MAGIC_PARAM, word
-    if key in options.given:
-        raise UsageError("%s: given twice (give each parameter once)" % key)
+    # As with nbdkit, the last one wins: wrappers append overrides.  An
+    # unknown key is refused by parse_assignment, naming it.
     options.values[key] = params.parse_assignment(key, text)
-    options.given.append(key)
+    if key in options.given:
+        options.repeated.append(key)
+    else:
+        options.given.append(key)
 
 
 # ---------------------------------------------------------------------------
@@ -310,9 +318,16 @@ def main(argv=None):
         if options.show_version:
             sys.stdout.write("vddktool %s\n" % __version__)
             return 0
+        if options.thumbprint_of:
+            from .thumbprint import main as print_thumbprint
+            return print_thumbprint(options.thumbprint_of)
         log.configure(options.verbose, options.log_destination or "stderr")
+        from .vddk.reexec import restarted
         for name, value in options.debug_flags:
-            log.set_debug_flag(name, value)
+            log.set_debug_flag(name, value, warn=not restarted())
+        for name in [] if restarted() else options.repeated:
+            log.debug("%s= is given more than once: the last one counts",
+                      name)
         if options.dump_plugin:
             lines = dump_plugin_lines(options.values, options.filters)
             sys.stdout.write("".join(line + "\n" for line in lines))

@@ -271,15 +271,56 @@ class Engine(object):
     def submit_pwrite(self, buf, offset, flags, done):
         raise NotImplementedError
 
+    def submit_zero(self, count, offset, flags, done):
+        """Emulated with submit_pwrite from a shared buffer of zeros, in
+        pieces all in flight together (never from a completion: a submit
+        from a library's callback thread could deadlock the library)."""
+        pieces = range(offset, offset + count, len(_ZEROS))
+        if not pieces:
+            done(None, None)
+            return
+        tally = _Tally(len(pieces), done)
+        end = offset + count
+        for start in pieces:
+            self.submit_pwrite(_ZERO_VIEW[:min(len(_ZEROS), end - start)],
+                               start, 0, tally.one_done)
+
     def close(self):
         pass
+
+
+# What submit_zero writes.  Engines only ever read from it, and it is
+# never written, so every connection shares it.
+_ZEROS = bytearray(1024 * 1024)
+_ZERO_VIEW = memoryview(_ZEROS)
+
+
+class _Tally(object):
+    """Calls ``done`` once ``count`` parts are done, with the first error
+    any of them had."""
+
+    def __init__(self, count, done):
+        self._left = count
+        self._error = None
+        self._done = done
+        self._lock = threading.Lock()
+
+    def one_done(self, error, data):
+        with self._lock:
+            if error is not None and self._error is None:
+                self._error = error
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._done(self._error, None)
 
 
 _FORWARDED_CALLS = ("get_size", "block_size", "can_write", "can_flush",
                     "can_fua", "can_trim", "can_zero", "can_fast_zero",
                     "can_extents", "can_cache", "can_multi_conn",
                     "is_rotational", "pwrite", "flush", "trim", "zero",
-                    "extents", "cache", "close")
+                    "extents", "cache", "close", "submit_pread",
+                    "submit_pwrite", "submit_zero")
 
 
 class FilterEngine(Engine):
@@ -393,13 +434,17 @@ class FilterEngine(Engine):
         reads = not self._own_reads or _overrides(cls, "submit_pread")
         writes = not _overrides(cls, "pwrite") or \
             _overrides(cls, "submit_pwrite")
-        return reads and writes and self.next.can_submit()
+        zeros = not _overrides(cls, "zero") or _overrides(cls, "submit_zero")
+        return reads and writes and zeros and self.next.can_submit()
 
     def submit_pread(self, count, offset, flags, done):
         self.next.submit_pread(count, offset, flags, done)
 
     def submit_pwrite(self, buf, offset, flags, done):
         self.next.submit_pwrite(buf, offset, flags, done)
+
+    def submit_zero(self, count, offset, flags, done):
+        self.next.submit_zero(count, offset, flags, done)
 
 
 def _overrides(cls, name):
@@ -435,6 +480,13 @@ class EngineAdapter(FilterEngine):
                 raise EngineError(errno.ENOTSUP, "zeroing is not fast here",
                                   expected=True)
         self._with_fua(self.next.zero, (count, offset), flags)
+
+    def submit_zero(self, count, offset, flags, done):
+        if flags & FLAG_FAST_ZERO and not self.next.can_fast_zero():
+            done(EngineError(errno.ENOTSUP, "zeroing is not fast here",
+                             expected=True), None)
+        else:
+            self.next.submit_zero(count, offset, flags, done)
 
     def can_submit(self):
         return self.next.can_submit()

@@ -306,12 +306,12 @@ class CaptiveCommand(object):
 
 
 def exit_status(returncode):
-    """Popen's returncode as a shell would report it, nbdkit's way: a
-    command killed by a signal is a failure (1), said on stderr."""
+    """Popen's returncode as a shell would report it, and as nbdkit
+    does: a command killed by signal N gives 128+N, said on stderr."""
     if returncode >= 0:
         return returncode
     log.error("--run: the command was killed by signal %d", -returncode)
-    return 1
+    return 128 - returncode
 
 
 # ---------------------------------------------------------------------------

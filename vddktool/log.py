@@ -15,6 +15,11 @@ _state = {"verbose": False, "dest": "stderr", "syslog": None}
 _flags = {}
 _lock = threading.Lock()
 
+# The -D flags that something reads (the manual lists each under DEBUG
+# FLAGS); any other is set all the same, with a warning, as nbdkit does.
+KNOWN_DEBUG_FLAGS = ("nbdkit.backend.datapath", "vddk.datapath",
+                     "vddk.diskinfo", "vddk.extents", "vddk.stats")
+
 
 def configure(verbose=False, dest="stderr"):
     """dest: stderr | syslog | null."""
@@ -30,8 +35,18 @@ def verbose():
     return _state["verbose"]
 
 
-def set_debug_flag(name, value):
+def set_debug_flag(name, value, warn=True):
+    if warn and name not in KNOWN_DEBUG_FLAGS:
+        warning("-D %s: no such debug flag, so it changes nothing (the "
+                "flags are listed under DEBUG FLAGS in vddktool(1))", name)
     _flags[name] = value
+
+
+def datapath_debug():
+    """Whether the server logs a line per request: with -v, unless
+    -D nbdkit.backend.datapath=0 (virt-v2v passes it) asks for quiet."""
+    return _state["verbose"] and bool(
+        debug_flag("nbdkit.backend.datapath", 1))
 
 
 def debug_flag(name, default=0):

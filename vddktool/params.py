@@ -170,13 +170,29 @@ def parse_create_size(text):
     return size
 
 
-_THUMBPRINT_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){19}$")
+# What a certificate fingerprint looks like: 20 bytes (SHA-1) or 32 bytes
+# (SHA-256) in hex, pairs separated by colons or not at all.
+_HEX_PAIRS_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2})*$")
+_HEX_RE = re.compile(r"^[0-9a-fA-F]*$")
+THUMBPRINT_BYTES = (20, 32)
+
+
+def looks_like_thumbprint(text):
+    if _HEX_PAIRS_RE.match(text):
+        count = len(text.split(":")) if ":" in text else len(text) // 2
+    elif _HEX_RE.match(text) and len(text) % 2 == 0:
+        count = len(text) // 2
+    else:
+        return False
+    return count in THUMBPRINT_BYTES
 
 
 def parse_thumbprint(text):
-    if not _THUMBPRINT_RE.match(text):
-        raise ValueError("is not a SHA-1 thumbprint (use 20 hex digit "
-                         "pairs separated by colons, xx:xx:...:xx)")
+    """Passed to VDDK as given: VDDK is the judge, and a wrong value on
+    purpose (thumbprint=12) is how its error reveals the real one."""
+    if not text:
+        raise ValueError("is empty (give the server's certificate "
+                         "fingerprint, see THUMBPRINTS in vddktool(1))")
     return text
 
 
@@ -195,6 +211,12 @@ def parse_transports(text):
     return text
 
 
+# The re-exec for VDDK (vddk/reexec.py) hands password= over as -FD of a
+# pipe it has filled and closed, and names that fd here: such a pipe is
+# read to its end, so that a password holding newlines survives.
+REEXEC_PASSWORD_FD = "VDDKTOOL_PASSWORD_FD"
+
+
 class Secret(object):
     """A password or cookie: never printed, never in repr()."""
 
@@ -210,7 +232,9 @@ class Secret(object):
 
 
 def read_password(text, interactive_prompt="Password: "):
-    """password=PASSWORD | - (ask) | +FILENAME | -FD, as nbdkit does."""
+    """password=PASSWORD | - (ask) | +FILENAME | -FD, as nbdkit does.  A
+    file or descriptor gives its first line: launchers keep their end of
+    a pipe open, so waiting for end of file would wait for ever."""
     if text == "-":
         import getpass
         if not os.isatty(0):
@@ -222,11 +246,11 @@ def read_password(text, interactive_prompt="Password: "):
         path = text[1:]
         try:
             with open(path, "rb") as f:
-                data = f.read()
+                data = f.readline()
         except OSError as e:
             raise ValueError("cannot read password file %s: %s"
                              % (path, e.strerror))
-        return Secret(_strip_newline(data).decode("utf-8", "replace"))
+        return Secret(_first_line(data))
     if text.startswith("-"):
         if not text[1:].isdigit():
             raise ValueError("starts with - but is not -FD (use - to be "
@@ -236,24 +260,39 @@ def read_password(text, interactive_prompt="Password: "):
         if fd <= 2:
             raise ValueError("file descriptor %d is one of stdin, stdout or "
                              "stderr (use 3 or higher)" % fd)
-        chunks = []
+        ours = os.environ.get(REEXEC_PASSWORD_FD) == str(fd)
+        os.environ.pop(REEXEC_PASSWORD_FD, None)
         try:
-            while True:
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            os.close(fd)
+            data = _read_line(fd, to_the_end=ours)
         except OSError as e:
             raise ValueError("cannot read the password from file descriptor "
                              "%d: %s" % (fd, e.strerror))
-        return Secret(_strip_newline(b"".join(chunks)).decode("utf-8",
-                                                              "replace"))
+        if ours:
+            return Secret(data[:-1].decode("utf-8") if data.endswith(b"\n")
+                          else data.decode("utf-8"))
+        return Secret(_first_line(data))
     return Secret(text)
 
 
-def _strip_newline(data):
-    return data[:-1] if data.endswith(b"\n") else data
+def _read_line(fd, to_the_end=False):
+    """Bytes from ``fd`` up to its first newline (or end of file); the
+    descriptor is closed after."""
+    chunks = []
+    try:
+        while True:
+            chunk = os.read(fd, 4096)
+            chunks.append(chunk)
+            if not chunk or (b"\n" in chunk and not to_the_end):
+                return b"".join(chunks)
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _first_line(data):
+    return data.split(b"\n", 1)[0].decode("utf-8", "replace")
 
 
 def parse_cookie(text):
@@ -277,7 +316,8 @@ class Param(object):
 
 
 # group: "disk" applies to every backend; "create" to create=true;
-# "remote" needs VDDK; "vddk" is VDDK-specific but also local.
+# "remote" needs VDDK; "vddk" is VDDK-specific but also local; "native"
+# only matters to the native engine.
 PARAMS = [
     Param("file", parse_nonempty, None, "FILENAME",
           "the VMDK to serve: an absolute local path, or "
@@ -291,6 +331,9 @@ PARAMS = [
           "disk"),
     Param("single-link", parse_bool, False, "true",
           "open only this link of a snapshot chain", "disk"),
+    Param("force-share", parse_bool, False, "true",
+          "with -r: read an image even while another process writes it "
+          "(qemu's -U)", "native"),
     Param("create", parse_bool, False, "true",
           "create a new local VMDK (the file must not exist)", "create"),
     Param("create-size", parse_create_size, None, "SIZE",
@@ -328,7 +371,8 @@ PARAMS = [
     Param("snapshot", parse_nonempty, None, "MOREF",
           "managed object reference of a snapshot", "remote"),
     Param("thumbprint", parse_thumbprint, None, "xx:xx:...:xx",
-          "SHA-1 thumbprint of the server's certificate", "remote"),
+          "SHA-1 thumbprint of the server's certificate (python3 -m "
+          "vddktool --thumbprint HOST prints it)", "remote"),
     Param("transports", parse_transports, None, "MODE:MODE:...",
           "transport modes to try, such as nbdssl:nbd", "remote"),
     Param("user", parse_nonempty, None, "USERNAME", "remote user name",

@@ -1,4 +1,9 @@
-"""What the program says about itself: --help and --dump-plugin."""
+"""What the program says about itself: --help and --dump-plugin.
+
+--help is built from the parameter table, so a new parameter appears
+there by being declared; --dump-plugin reports what nbdkit would for an
+equivalent plugin, plus the VDDK engine's own facts.
+"""
 
 import os
 import sys
@@ -6,7 +11,9 @@ import sys
 from . import __version__, filters, log, params
 from .backends import backend_class
 
+# The plugin name nbdkit command lines put before the parameters.
 PLUGIN_WORD = "vddk"
+
 
 HELP_OPTIONS = """\
 Options:
@@ -28,6 +35,7 @@ Options:
   --filter=NAME         insert a filter (see Filters below; the first
                         --filter is nearest the client)
   --dump-plugin         print facts about the engines and exit
+  --thumbprint HOST[:PORT]  print the server's certificate thumbprint
   -V, --version         print the version and exit
   -h, --help            print this help and exit
 """

@@ -155,6 +155,7 @@ struct handle {
   pthread_mutex_t lock;
   pthread_cond_t idle;
   unsigned pending;             /* async requests not yet completed */
+  int busy;                     /* callers inside a call on this handle */
 };
 
 struct async_request {
@@ -330,6 +331,34 @@ static void
 leave_open_close (void)
 {
   __atomic_sub_fetch (&open_close_busy, 1, __ATOMIC_SEQ_CST);
+}
+
+/* A VixDiskLib handle is not safe for concurrent calls: callers must let
+ * one thread at a time into it.  Every call on a handle passes through
+ * these two; an overlap is recorded as "HandleOverlap call=NAME" and
+ * reported through the warning callback.  $FAKE_VDDK_HANDLE_PAUSE_US
+ * holds each call that long, so that an overlap is likely to be seen. */
+static void
+enter_handle (struct handle *h, const char *name)
+{
+  const char *pause_us = env_value ("FAKE_VDDK_HANDLE_PAUSE_US");
+
+  if (__atomic_add_fetch (&h->busy, 1, __ATOMIC_SEQ_CST) > 1) {
+    record ("HandleOverlap call=%s", name);
+    WARN ("VixDiskLib: %s called while another call uses the handle\n",
+          name);
+  }
+  if (pause_us) {
+    long us = strtol (pause_us, NULL, 10);
+    struct timespec pause = { us / 1000000, us % 1000000 * 1000 };
+    nanosleep (&pause, NULL);
+  }
+}
+
+static void
+leave_handle (struct handle *h)
+{
+  __atomic_sub_fetch (&h->busy, 1, __ATOMIC_SEQ_CST);
 }
 
 /* ---- Functions every supported VDDK has. */
@@ -715,8 +744,10 @@ VixDiskLib_Close (struct handle *h)
     return VIX_E_INVALID_ARG;
   /* Closing anyway after an overlap: a leak would hide the real fault. */
   enter_open_close ("Close");
+  enter_handle (h, "Close");
   /* Never free a handle a worker thread still uses. */
   wait_idle (h);
+  leave_handle (h);
   close (h->fd);
   free (h->path);
   pthread_mutex_destroy (&h->lock);
@@ -729,7 +760,14 @@ VixDiskLib_Close (struct handle *h)
 EXPORT const char *
 VixDiskLib_GetTransportMode (struct handle *h)
 {
-  return h ? h->transport : NULL;
+  const char *mode;
+
+  if (h == NULL)
+    return NULL;
+  enter_handle (h, "GetTransportMode");
+  mode = h->transport;
+  leave_handle (h);
+  return mode;
 }
 
 /* A stable, VMware-looking uuid derived from the backing file's name. */
@@ -766,6 +804,7 @@ VixDiskLib_GetInfo (struct handle *h, Info **out)
   info = calloc (1, sizeof *info);
   if (info == NULL)
     return VIX_E_FAIL;
+  enter_handle (h, "GetInfo");
   info->capacity = h->capacity;
   info->biosGeo.heads = info->physGeo.heads = 16;
   info->biosGeo.sectors = info->physGeo.sectors = 63;
@@ -781,6 +820,7 @@ VixDiskLib_GetInfo (struct handle *h, Info **out)
 #endif
   count_outstanding (1);
   *out = info;
+  leave_handle (h);
   return VIX_OK;
 }
 
@@ -847,22 +887,32 @@ EXPORT VixError
 VixDiskLib_Read (struct handle *h, uint64_t startSector, uint64_t numSectors,
                  uint8_t *buf)
 {
+  VixError err;
+
   record ("Read sector=%llu count=%llu",
           (unsigned long long) startSector, (unsigned long long) numSectors);
   if (h == NULL || buf == NULL)
     return VIX_E_INVALID_ARG;
-  return transfer (h, 0, startSector, numSectors, buf);
+  enter_handle (h, "Read");
+  err = transfer (h, 0, startSector, numSectors, buf);
+  leave_handle (h);
+  return err;
 }
 
 EXPORT VixError
 VixDiskLib_Write (struct handle *h, uint64_t startSector, uint64_t numSectors,
                   const uint8_t *buf)
 {
+  VixError err;
+
   record ("Write sector=%llu count=%llu",
           (unsigned long long) startSector, (unsigned long long) numSectors);
   if (h == NULL || buf == NULL)
     return VIX_E_INVALID_ARG;
-  return transfer (h, 1, startSector, numSectors, (unsigned char *) buf);
+  enter_handle (h, "Write");
+  err = transfer (h, 1, startSector, numSectors, (unsigned char *) buf);
+  leave_handle (h);
+  return err;
 }
 
 /* Upper bound of the pause before an async request runs: 2 ms, or
@@ -892,6 +942,11 @@ run_async (void *arg)
   nanosleep (&pause, NULL);
 
   err = transfer (h, req->is_write, req->sector, req->count, req->buf);
+  if (env_value ("FAKE_VDDK_RECORD_COMPLETIONS"))
+    record ("Completed op=%s sector=%llu count=%llu",
+            req->is_write ? "WriteAsync" : "ReadAsync",
+            (unsigned long long) req->sector,
+            (unsigned long long) req->count);
   if (req->done)
     req->done (req->data, err);
   free (req);
@@ -947,9 +1002,16 @@ VixDiskLib_ReadAsync (struct handle *h, uint64_t startSector,
                       uint64_t numSectors, uint8_t *buf,
                       CompletionFunc *done, void *data)
 {
+  VixError err;
+
   record ("ReadAsync sector=%llu count=%llu",
           (unsigned long long) startSector, (unsigned long long) numSectors);
-  return submit_async (h, 0, startSector, numSectors, buf, done, data);
+  if (h == NULL)
+    return VIX_E_INVALID_ARG;
+  enter_handle (h, "ReadAsync");
+  err = submit_async (h, 0, startSector, numSectors, buf, done, data);
+  leave_handle (h);
+  return err;
 }
 
 EXPORT VixError
@@ -957,10 +1019,17 @@ VixDiskLib_WriteAsync (struct handle *h, uint64_t startSector,
                        uint64_t numSectors, const uint8_t *buf,
                        CompletionFunc *done, void *data)
 {
+  VixError err;
+
   record ("WriteAsync sector=%llu count=%llu",
           (unsigned long long) startSector, (unsigned long long) numSectors);
-  return submit_async (h, 1, startSector, numSectors, (unsigned char *) buf,
-                       done, data);
+  if (h == NULL)
+    return VIX_E_INVALID_ARG;
+  enter_handle (h, "WriteAsync");
+  err = submit_async (h, 1, startSector, numSectors, (unsigned char *) buf,
+                      done, data);
+  leave_handle (h);
+  return err;
 }
 
 EXPORT VixError
@@ -969,18 +1038,25 @@ VixDiskLib_Wait (struct handle *h)
   record ("Wait");
   if (h == NULL)
     return VIX_E_INVALID_ARG;
+  enter_handle (h, "Wait");
   wait_idle (h);
+  leave_handle (h);
   return VIX_OK;
 }
 
 EXPORT VixError
 VixDiskLib_Flush (struct handle *h)
 {
+  VixError err;
+
   record ("Flush");
   if (h == NULL)
     return VIX_E_INVALID_ARG;
-  return fdatasync (h->fd) == 0 || errno == EINVAL ? VIX_OK
-                                                  : VIX_E_FILE_ERROR;
+  enter_handle (h, "Flush");
+  err = fdatasync (h->fd) == 0 || errno == EINVAL ? VIX_OK
+                                                 : VIX_E_FILE_ERROR;
+  leave_handle (h);
+  return err;
 }
 
 EXPORT VixError
@@ -1115,10 +1191,10 @@ add_block (BlockList **list, uint32_t *room, uint64_t start, uint64_t length)
   return 0;
 }
 
-EXPORT VixError
-VixDiskLib_QueryAllocatedBlocks (struct handle *h, uint64_t startSector,
-                                 uint64_t numSectors, uint64_t chunkSize,
-                                 BlockList **out)
+static VixError
+query_allocated_blocks (struct handle *h, uint64_t startSector,
+                        uint64_t numSectors, uint64_t chunkSize,
+                        BlockList **out)
 {
   uint64_t end_sector = startSector + numSectors;
   off_t pos, data, hole, end;
@@ -1174,6 +1250,21 @@ VixDiskLib_QueryAllocatedBlocks (struct handle *h, uint64_t startSector,
   count_outstanding (1);
   *out = list;
   return VIX_OK;
+}
+
+EXPORT VixError
+VixDiskLib_QueryAllocatedBlocks (struct handle *h, uint64_t startSector,
+                                 uint64_t numSectors, uint64_t chunkSize,
+                                 BlockList **out)
+{
+  VixError err;
+
+  if (h == NULL)
+    return VIX_E_INVALID_ARG;
+  enter_handle (h, "QueryAllocatedBlocks");
+  err = query_allocated_blocks (h, startSector, numSectors, chunkSize, out);
+  leave_handle (h);
+  return err;
 }
 
 EXPORT VixError

@@ -10,7 +10,10 @@ What the environment does (see fake_vixdisklib.c):
   FAKE_VDDK_REMOTE_ROOT=DIR    "[ds] dir/f.vmdk" is DIR/ds/dir/f.vmdk
   FAKE_VDDK_EXPECT_<FIELD>=V   ConnectEx fails unless FIELD was V; FIELD is
                                SERVER THUMBPRINT USER PASSWORD COOKIE VM
-                               SNAPSHOT TRANSPORTS PORT NFCHOSTPORT
+                               SNAPSHOT TRANSPORTS PORT NFCHOSTPORT.
+                               THUMBPRINT is the server's real one: any
+                               other is refused with VDDK's message
+                               "actual thumbprint=REAL expected=GIVEN"
   FAKE_VDDK_FAIL_READ_AT=N     reads covering byte N fail
   FAKE_VDDK_FAIL_WRITE_AT=N    writes covering byte N fail
   FAKE_VDDK_FAIL_READ_TIMES=K  ... only the first K reads covering it
@@ -23,6 +26,13 @@ What the environment does (see fake_vixdisklib.c):
   FAKE_VDDK_ASYNC_DELAY_US=N   async requests wait up to N us (default
                                2000) before running, so they finish out
                                of order
+  FAKE_VDDK_HANDLE_PAUSE_US=N  every call on a handle lasts N us longer,
+                               so that two threads inside one handle at
+                               once (VDDK forbids it) are caught: each such
+                               call is recorded as "HandleOverlap" and
+                               warned about
+  FAKE_VDDK_RECORD_COMPLETIONS=1  also record each async request as it
+                               completes ("Completed op=WriteAsync ...")
 
 Open and Close calls that overlap in time (VDDK needs them serialized) are
 recorded as "Overlap" calls, warned about, and make Open fail; each takes
@@ -58,6 +68,10 @@ RECORD_FIELDS = {
     "QueryAllocatedBlocks": ("start", "count", "chunk"),
     # Open or Close entered while another Open or Close was running.
     "Overlap": ("call",),
+    # A call on a handle entered while another call was inside it.
+    "HandleOverlap": ("call",),
+    # An async request done (FAKE_VDDK_RECORD_COMPLETIONS=1).
+    "Completed": ("op", "sector", "count"),
 }
 
 # Values may hold spaces ("[ds] dir/f.vmdk"), so each call's line is

@@ -6,8 +6,8 @@ the whole disk.  The filter asks the layer below for everything it will
 give (dropping "one is enough") and answers later queries that start
 inside that answer from memory.  The memory is shared by all connections
 (one per export) and forgotten at every write, zero or trim, before and
-after it, so no query can store what a write is changing.  Writes may go
-the asynchronous way; they are seen all the same.
+after it, so no query can store what a write is changing.  Writes and
+zeroes may go the asynchronous way; they are seen all the same.
 """
 
 import threading
@@ -52,14 +52,21 @@ class CacheExtentsEngine(FilterEngine):
         return noted_around(self.backend.forget, self.next.trim, count,
                             offset, flags)
 
-    def submit_pwrite(self, buf, offset, flags, done):
+    def _forgetting(self, done):
+        """Forget now, and again when the change has landed."""
         forget = self.backend.forget
 
-        def written(error, data):
+        def landed(error, data):
             forget()
             done(error, data)
         forget()
-        self.next.submit_pwrite(buf, offset, flags, written)
+        return landed
+
+    def submit_pwrite(self, buf, offset, flags, done):
+        self.next.submit_pwrite(buf, offset, flags, self._forgetting(done))
+
+    def submit_zero(self, count, offset, flags, done):
+        self.next.submit_zero(count, offset, flags, self._forgetting(done))
 
 
 class CacheExtentsFilter(FilterBackend):

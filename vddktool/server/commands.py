@@ -87,27 +87,30 @@ class Commands(object):
 
     # -- asynchronous READ and WRITE (engines that can submit) --
     def submit(self, request, done):
-        """Start a READ or WRITE; ``done(error, data)`` follows, from any
-        thread, and ``completed`` then gives its reply."""
+        """Start a READ, WRITE or WRITE_ZEROES; ``done(error, data)``
+        follows, from any thread, and ``completed`` then gives its reply."""
+        command, engine = request.command, self.engine
         try:
-            if request.command == nbd.CMD_READ:
-                self.engine.submit_pread(request.length, request.offset, 0,
-                                         done)
+            if command == nbd.CMD_READ:
+                engine.submit_pread(request.length, request.offset, 0, done)
+            elif command == nbd.CMD_WRITE:
+                engine.submit_pwrite(request.payload, request.offset, 0, done)
             else:
-                self.engine.submit_pwrite(request.payload, request.offset, 0,
-                                          done)
+                engine.submit_zero(request.length, request.offset,
+                                   nbd.engine_flags(request), done)
         except Exception as exc:
             done(exc, None)
 
     def completed(self, request, error, data):
-        if request.command == nbd.CMD_WRITE:
+        command = request.command
+        if command == nbd.CMD_WRITE:
             # The engine has let go of it (done was called).
             self.buffers.give_back(request.payload)
             request.payload = None
-            if error is None:
-                return [nbd.simple_reply(request.cookie)]
         if error is not None:
             return self.failed(request, error)
+        if command != nbd.CMD_READ:
+            return [nbd.simple_reply(request.cookie)]
         if len(data) != request.length:
             return self.failed(request, EngineError(
                 errno.EIO, "short read from the disk"))

@@ -34,6 +34,8 @@ class Connection(object):
         self.channel = channel
         self.peer = peer
         self.debugging = log.verbose()
+        # A line per request, unless -D nbdkit.backend.datapath=0.
+        self.datapath_debugging = log.datapath_debug()
         self._write_lock = threading.Lock()
         self._broken = False
 
@@ -243,7 +245,7 @@ class Connection(object):
         is read (it may wait for room)."""
         header = self.header
         read_into = self.channel.read_into
-        debugging = self.debugging
+        debugging = self.datapath_debugging
         while True:
             if not read_into(header):
                 return None

@@ -232,7 +232,8 @@ class AsyncWindow(object):
     room in the window.  A completion thread never touches the socket,
     so one slow client cannot hold up the library's other callbacks.
 
-    Other commands run on the reading thread, synchronously, as they come.
+    Other commands (and long zeroes) run on the reading thread,
+    synchronously, as they come.
     A FLUSH, or any request with FUA, first waits until every request in
     flight has been answered: what the client had written before it is
     then on the disk too.  ``send(buffers)`` must be safe to call from two
@@ -347,9 +348,20 @@ class AsyncWindow(object):
             self._room.notify()
 
 
+# The longest WRITE_ZEROES submitted: an engine that cannot zero writes
+# zeros, all its pieces in flight together.  Longer ones run as they come.
+MAX_SUBMITTED_ZERO = 16 * 1024 * 1024
+
+
 def _submitted(request):
     """Whether AsyncWindow submits a request (the rest run as they come):
-    READ, and WRITE unless it asks for FUA."""
+    READ, WRITE, and WRITE_ZEROES up to MAX_SUBMITTED_ZERO, unless they
+    ask for FUA."""
     command = request.command
-    return command == nbd.CMD_READ or (
-        command == nbd.CMD_WRITE and not request.flags & nbd.CMD_FLAG_FUA)
+    if command == nbd.CMD_READ:
+        return True
+    if request.flags & nbd.CMD_FLAG_FUA:
+        return False
+    return command == nbd.CMD_WRITE or (
+        command == nbd.CMD_WRITE_ZEROES and
+        request.length <= MAX_SUBMITTED_ZERO)

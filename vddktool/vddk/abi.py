@@ -7,6 +7,7 @@ to a library: library.py applies ``PROTOTYPES`` to a loaded one.
 """
 
 import ctypes
+import threading
 from ctypes import (CFUNCTYPE, POINTER, Structure, Union, c_char, c_char_p,
                     c_int, c_long, c_uint8, c_uint16, c_uint32, c_uint64,
                     c_void_p)
@@ -273,8 +274,13 @@ class MessageRouter(object):
 
     VDDK's chatter goes to debug (seen with -v); its warnings and panics
     are errors.  ``secrets`` are masked out, in case the library echoes a
-    password or cookie back.
+    password or cookie back.  Between ``capture()`` and ``captured()`` a
+    thread's messages are also kept, so that a failed call can quote the
+    one that explains it (VDDK's error codes rarely do).
     """
+
+    # Enough for the chatter of one ConnectEx and Open.
+    MAX_CAPTURED = 200
 
     def __init__(self, secrets=()):
         self.secrets = [s for s in secrets if s]
@@ -282,6 +288,23 @@ class MessageRouter(object):
         self.log_func = LogFunc(self._on_log)
         self.warn_func = LogFunc(self._on_warning)
         self.panic_func = LogFunc(self._on_panic)
+        self._kept = threading.local()
+
+    def capture(self):
+        """Start keeping the messages VDDK logs in this thread."""
+        self._kept.lines = []
+
+    def captured(self):
+        """The messages kept since ``capture()``; stops keeping them."""
+        lines = getattr(self._kept, "lines", None) or []
+        self._kept.lines = None
+        return lines
+
+    def _keep(self, message):
+        lines = getattr(self._kept, "lines", None)
+        if lines is not None and len(lines) < self.MAX_CAPTURED:
+            lines.append(message)
+        return message
 
     def text(self, fmt, va_list):
         message = format_va_list(fmt, va_list).rstrip("\n")
@@ -290,10 +313,10 @@ class MessageRouter(object):
         return message
 
     def _on_log(self, fmt, va_list):
-        log.debug("%s", self.text(fmt, va_list))
+        log.debug("%s", self._keep(self.text(fmt, va_list)))
 
     def _on_warning(self, fmt, va_list):
-        log.error("%s", self.text(fmt, va_list))
+        log.error("%s", self._keep(self.text(fmt, va_list)))
 
     def _on_panic(self, fmt, va_list):
         log.error("VDDK panic: %s", self.text(fmt, va_list))

@@ -18,6 +18,7 @@ import os
 import sys
 
 from .. import log
+from ..params import REEXEC_PASSWORD_FD
 
 # Set in the re-executed process; its presence stops a second re-exec.
 REEXEC_MARKER = "VDDKTOOL_REEXECED"
@@ -35,6 +36,13 @@ def path_has_directory(search_path, directory):
     wanted = os.path.realpath(directory)
     return any(part and os.path.realpath(part) == wanted
                for part in (search_path or "").split(":"))
+
+
+def restarted(environ=None):
+    """True in the process started again: what the first start has said
+    about the command line need not be said twice."""
+    environ = os.environ if environ is None else environ
+    return bool(environ.get(REEXEC_MARKER))
 
 
 def needs_reexec(library_dir, environ=None):
@@ -67,8 +75,8 @@ def _pipe_holding(secret):
         moved = fcntl.fcntl(read_fd, fcntl.F_DUPFD, 3)
         os.close(read_fd)
         read_fd = moved
-    # read_password strips one trailing newline; adding one keeps a
-    # secret that itself ends in a newline intact.
+    # The reader drops one trailing newline; adding one keeps a secret
+    # that itself ends in a newline intact.
     data = secret.encode("utf-8") + b"\n"
     try:
         while data:
@@ -84,8 +92,10 @@ def hide_secrets(argv, secrets, environ):
 
     ``secrets`` maps a parameter name to its already-read value (a
     params.Secret); names with no value are left alone.  password= reads
-    -FD itself; for cookie=, which takes its value literally, the fd is
-    also named in ``environ`` so that ``recover_secrets`` can read it.
+    -FD itself (the fd is named in ``environ`` too, so that the whole pipe
+    is read, not just its first line); for cookie=, which takes its value
+    literally, the fd is named in ``environ`` so that ``recover_secrets``
+    can read it.
     """
     rewritten = []
     for arg in argv:
@@ -96,6 +106,8 @@ def hide_secrets(argv, secrets, environ):
             arg = "%s=-%d" % (name, fd)
             if name in SECRET_FD_VARIABLES:
                 environ[SECRET_FD_VARIABLES[name]] = str(fd)
+            elif name == "password":
+                environ[REEXEC_PASSWORD_FD] = str(fd)
         rewritten.append(arg)
     return rewritten
 

@@ -142,6 +142,10 @@ class NativeBackend(Backend):
 
     def config_complete(self):
         check_disk(self.params)
+        if self.params.get("force-share") and not self.readonly:
+            raise UsageError("force-share: only for reading (add -r): two "
+                             "writers corrupt an image, so a writer never "
+                             "shares it")
         if self.params.get("create"):
             self._check_create()
 
@@ -186,9 +190,10 @@ class NativeBackend(Backend):
             return self.disk
 
     def _open_disk(self, writable):
-        single_link = bool(self.params.get("single-link"))
+        options = dict(single_link=bool(self.params.get("single-link")),
+                       force_share=bool(self.params.get("force-share")))
         try:
-            return Disk(self.path, writable=writable, single_link=single_link)
+            return Disk(self.path, writable=writable, **options)
         except VmdkError as e:
             if not writable or getattr(e, "errno", None) not in (
                     errno.EACCES, errno.EPERM, errno.EROFS):
@@ -197,7 +202,7 @@ class NativeBackend(Backend):
         # read-only rather than not at all.
         log.warning("%s: cannot open for writing, serving read-only "
                     "(add -r to silence this)", self.path)
-        return Disk(self.path, writable=False, single_link=single_link)
+        return Disk(self.path, writable=False, **options)
 
     def describe(self, export_name):
         if self.disk is not None:

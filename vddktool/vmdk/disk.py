@@ -20,6 +20,7 @@ from .descriptor import (FLAT_TYPES, MAX_DESCRIPTOR_BYTES, NO_PARENT_CID,
                          Descriptor, ExtentLine, new_cid)
 from .extent import DATA, UNALLOCATED, ZERO, ExtentReader, VmdkError
 from .flat import SECTOR, FlatExtent, ZeroExtent, file_size, open_file
+from .locks import ImageLocks
 from .sparse import (FLAG_COMPRESSED, MAGIC as SPARSE_MAGIC, SparseExtent,
                      read_embedded_descriptor, read_header)
 
@@ -67,12 +68,19 @@ def _magic(path):
         os.close(fd)
 
 
+def extent_path(line, directory):
+    """The file behind an extent line, or None (ZERO extents)."""
+    if line.kind == "ZERO":
+        return None
+    return os.path.join(directory, line.filename)
+
+
 def open_extent(line, directory, writable, create_type):
     """The reader for one extent line."""
     size = line.sectors * SECTOR
-    if line.kind == "ZERO":
+    path = extent_path(line, directory)
+    if path is None:
         return ZeroExtent(size)
-    path = os.path.join(directory, line.filename)
     if line.access == "NOACCESS":
         return NoAccessExtent(size, path)
     writable = writable and line.access == "RW"
@@ -122,7 +130,8 @@ def read_descriptor(path):
                                     "SPARSE"), None
             where = (header.descriptor_offset * SECTOR,
                      header.descriptor_size * SECTOR)
-            return Descriptor.parse(text, path), where
+            return _embedded(Descriptor.parse(text, path), path,
+                             header.capacity), where
         if head[:4] == COWD_MAGIC:
             sectors = struct.unpack_from("<I", head, 12)[0]
             return _synthesized(path, "vmfsSparse", sectors,
@@ -144,6 +153,22 @@ def read_descriptor(path):
     return Descriptor.parse(data, path), None
 
 
+def _embedded(descriptor, path, capacity):
+    """A descriptor found inside a sparse file describes that file, the
+    disk's one extent, whatever its extent line calls it: the name it was
+    created under, before a rename or an OVA tool's copy, or a converter's
+    placeholder.  qemu reads such files the same way.  The lines stay as
+    written, so a CID update leaves the extent line alone."""
+    name = os.path.basename(path)
+    first = descriptor.extents[0]
+    if len(descriptor.extents) != 1 or first.filename != name:
+        log.debug("%s: the embedded descriptor names %s; the file itself is "
+                  "the extent", path, ", ".join(
+                      repr(e.filename) for e in descriptor.extents))
+    descriptor.extents = [ExtentLine(first.access, capacity, "SPARSE", name)]
+    return descriptor
+
+
 def _synthesized(path, create_type, sectors, kind):
     lines = ['createType="%s"' % create_type,
              ExtentLine("RW", sectors, kind, os.path.basename(path)).text()]
@@ -153,7 +178,8 @@ def _synthesized(path, create_type, sectors, kind):
 class Disk(object):
     """One link of a chain, with its parent (another Disk) or None."""
 
-    def __init__(self, path, writable=False, single_link=False, _chain=()):
+    def __init__(self, path, writable=False, single_link=False,
+                 force_share=False, _chain=()):
         self.path = os.path.abspath(path)
         self.descriptor, self._embedded = read_descriptor(self.path)
         self.directory = os.path.dirname(self.path)
@@ -162,10 +188,15 @@ class Disk(object):
         self.extents = []
         self.starts = []
         self.parent = None
+        self.file_locks = ImageLocks(writable, force_share)
         try:
+            # Before anything is written (an open marks a sparse extent
+            # as not shut down): another writer may be at work.
+            self._lock_files()
             self._open_extents(writable)
             if not single_link and self.descriptor.parent_cid != NO_PARENT_CID:
-                self.parent = self._open_parent(_chain + (self.path,))
+                self.parent = self._open_parent(_chain + (self.path,),
+                                                force_share)
             self._give_extents_backing()
         except BaseException:
             self.close()
@@ -195,11 +226,25 @@ class Disk(object):
         disk.parent = None
         disk.size = extent.size
         disk.writable = extent.writable
+        disk.file_locks = ImageLocks(extent.writable)
+        try:
+            disk._lock_files()
+        except BaseException:
+            disk.close()
+            raise
         return disk
 
     @property
     def create_type(self):
         return self.descriptor.create_type or "custom"
+
+    def _lock_files(self):
+        """qemu's locks on the descriptor and every extent file."""
+        self.file_locks.lock(self.path)
+        for line in self.descriptor.extents:
+            path = extent_path(line, self.directory)
+            if path is not None:
+                self.file_locks.lock(path)
 
     def _open_extents(self, writable):
         position = 0
@@ -210,7 +255,7 @@ class Disk(object):
             self.starts.append(position)
             position += extent.size
 
-    def _open_parent(self, chain):
+    def _open_parent(self, chain, force_share):
         hint = self.descriptor.parent_hint
         if not hint:
             raise VmdkError("%s: the descriptor has a parentCID but no "
@@ -231,7 +276,8 @@ class Disk(object):
             raise VmdkError("%s: parent %s does not exist (single-link=true "
                             "serves this link alone)" % (self.path,
                                                          parent_path))
-        parent = Disk(parent_path, writable=False, _chain=chain)
+        parent = Disk(parent_path, writable=False, force_share=force_share,
+                      _chain=chain)
         if parent.descriptor.cid.lower() != self.descriptor.parent_cid:
             parent.close()
             raise VmdkError(
@@ -406,6 +452,8 @@ class Disk(object):
         if self.parent is not None:
             self.parent.close()
             self.parent = None
+        # Last: closing an extent may still write (the clean-shutdown mark).
+        self.file_locks.release()
 
     @property
     def _one_lock_free_extent(self):
@@ -456,5 +504,5 @@ def _merge_holes(pieces):
     return merged
 
 
-def open_disk(path, writable=False, single_link=False):
-    return Disk(path, writable, single_link)
+def open_disk(path, writable=False, single_link=False, force_share=False):
+    return Disk(path, writable, single_link, force_share)

@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""The VDDK engine's data path, on the fake libvixDiskLib built with -O2,
+against nbdkit's vddk plugin on the same library and the native engine
+on the same raw data.
+
+The fake pauses each ReadAsync/WriteAsync for a random 0 to 2 ms before
+doing it, as a network would (``pause``), or for at most 1 us
+(``1us``): the second shows what the data path costs without latency,
+and the ratio of the two shows how well the latency is hidden.
+
+Workloads, each with nbdcopy over a Unix socket (one connection: VDDK
+does not advertise multi-conn):
+
+  read-pause, read-1us     nbdcopy URI null:
+  write-pause, write-1us   nbdcopy SOURCE URI, into a copy of the disk
+
+Servers: ``vddktool vddk`` (backend=vddk), ``nbdkit vddk`` (only with
+--nbdkit-vddk PLUGIN.so: Debian does not package it; build it from
+nbdkit's source, plugins/vddk), ``vddktool native`` (a monolithicFlat
+VMDK over the same raw file).  Runs are interleaved; the median of each
+is printed with vddktool vddk's time ratio to the others (above 1.0,
+vddktool vddk is faster).
+
+    python3 bench/bench_vddk.py [--size MiB] [--runs N] [--python EXE]
+                                [--nbdkit-vddk PATH] [--only WORKLOADS]
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from common import CLIENT_ENV, MiB, ROOT, Served, make_source
+
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from fake_vddk.build import build  # noqa: E402
+
+WORKLOADS = ("read-pause", "read-1us", "write-pause", "write-1us")
+ONE_MICROSECOND = {"FAKE_VDDK_ASYNC_DELAY_US": "1"}
+
+
+def flat_descriptor(path, extent, size):
+    """A monolithicFlat VMDK descriptor over a raw file."""
+    with open(path, "w") as f:
+        f.write('# Disk DescriptorFile\nversion=1\nCID=fffffffe\n'
+                'parentCID=ffffffff\ncreateType="monolithicFlat"\n\n'
+                'RW %d FLAT "%s" 0\n\nddb.adapterType = "lsilogic"\n'
+                % (size // 512, os.path.basename(extent)))
+
+
+def timed(argv):
+    start = time.monotonic()
+    subprocess.check_call(argv, env=CLIENT_ENV)
+    return time.monotonic() - start
+
+
+class Bench(object):
+    def __init__(self, work, size_mib, python, nbdkit_vddk):
+        self.work = work
+        self.size = size_mib
+        self.python = python
+        self.nbdkit_vddk = nbdkit_vddk
+        self.libdir = self.path("vddk")
+        build(self.libdir, optimize=True)
+        self.source = self.path("source.raw")
+        make_source(self.source, size_mib)
+        self._sockets = 0
+
+    def path(self, name):
+        return os.path.join(self.work, name)
+
+    def sock(self):
+        self._sockets += 1
+        return self.path("nbd%d.sock" % self._sockets)
+
+    def disk_copy(self, name):
+        path = self.path(name)
+        shutil.copyfile(self.source, path)
+        return path
+
+    def servers(self, workload):
+        env = ONE_MICROSECOND if workload.endswith("1us") else {}
+        writing = workload.startswith("write")
+        mode = [] if writing else ["-r"]
+        suffix = workload + ".raw"
+        disk = self.disk_copy("vddktool-" + suffix) if writing \
+            else self.source
+        sock = self.sock()
+        served = [Served("vddktool vddk",
+                         [self.python, "-m", "vddktool", "-f", "-U", sock]
+                         + mode + ["libdir=" + self.libdir, "file=" + disk],
+                         sock, env)]
+        if self.nbdkit_vddk:
+            disk = self.disk_copy("nbdkit-" + suffix) if writing \
+                else self.source
+            sock = self.sock()
+            served.append(Served(
+                "nbdkit vddk", ["nbdkit", "-f", "-U", sock] + mode +
+                [self.nbdkit_vddk, "libdir=" + self.libdir, "file=" + disk],
+                sock, env))
+        extent = self.disk_copy("native-" + suffix) if writing \
+            else self.source
+        vmdk = self.path("native-%s.vmdk" % workload)
+        flat_descriptor(vmdk, extent, self.size * MiB)
+        sock = self.sock()
+        served.append(Served("vddktool native",
+                             [self.python, "-m", "vddktool", "-f", "-U",
+                              sock] + mode + ["file=" + vmdk], sock))
+        return served
+
+    def command(self, workload, uri):
+        if workload.startswith("write"):
+            return ["nbdcopy", self.source, uri]
+        return ["nbdcopy", uri, "null:"]
+
+    def run(self, workload, runs):
+        servers = self.servers(workload)
+        try:
+            times = dict((s.name, []) for s in servers)
+            for s in servers:
+                timed(self.command(workload, s.uri))  # warm up
+            for _ in range(runs):
+                for s in servers:
+                    times[s.name].append(timed(self.command(workload,
+                                                            s.uri)))
+        finally:
+            for s in servers:
+                s.stop()
+            for name in os.listdir(self.work):
+                if name.endswith(workload + ".raw"):
+                    os.unlink(self.path(name))
+        return [(name, statistics.median(t)) for name, t in times.items()]
+
+
+def report(workload, size, medians):
+    ours = dict(medians)["vddktool vddk"]
+    line = ["%-12s" % workload]
+    for name, seconds in medians:
+        text = "%s %5.2f s %5.0f MiB/s" % (name, seconds, size / seconds)
+        if name != "vddktool vddk":
+            text += " (ratio %.2f)" % (seconds / ours)
+        line.append(text)
+    print("   ".join(line), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=1024, help="MiB")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter that runs vddktool")
+    parser.add_argument("--nbdkit-vddk", default=None,
+                        help="path of nbdkit-vddk-plugin.so to compare with")
+    parser.add_argument("--only", default=",".join(WORKLOADS),
+                        help="comma-separated workloads")
+    parser.add_argument("--dir", default=None,
+                        help="where to put the disks (default: a temp dir)")
+    args = parser.parse_args()
+    workloads = args.only.split(",")
+    unknown = set(workloads) - set(WORKLOADS)
+    if unknown:
+        parser.error("unknown workload %s (choose from %s)"
+                     % (", ".join(sorted(unknown)), ", ".join(WORKLOADS)))
+    if args.nbdkit_vddk and not os.path.exists(args.nbdkit_vddk):
+        parser.error("--nbdkit-vddk: %s does not exist" % args.nbdkit_vddk)
+    work = tempfile.mkdtemp(prefix="bench-vddk-", dir=args.dir)
+    try:
+        bench = Bench(work, args.size, args.python, args.nbdkit_vddk)
+        print("disk: %d MiB, nbdcopy, median of %d interleaved runs, "
+              "vddktool on %s" % (args.size, args.runs, args.python))
+        medians = {}
+        for workload in workloads:
+            medians[workload] = bench.run(workload, args.runs)
+            report(workload, args.size, medians[workload])
+        for kind in ("read", "write"):
+            pause, quick = kind + "-pause", kind + "-1us"
+            if pause in medians and quick in medians:
+                print("%s: the 0-2 ms pause costs vddktool vddk %.2fx its "
+                      "1 us time" % (kind, dict(medians[pause])[
+                          "vddktool vddk"] / dict(medians[quick])[
+                          "vddktool vddk"]))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

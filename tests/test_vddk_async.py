@@ -1,0 +1,133 @@
+"""The VDDK engine on the server's asynchronous path, against the fake
+library: many ReadAsync/WriteAsync in flight on one connection, one
+thread at a time inside a handle, FLUSH after the writes it covers."""
+
+import threading
+
+from conftest import need, run
+from fake_vddk.fixtures import fake_vddk, session  # noqa: F401 (fixtures)
+from test_vddk_serve import nbdsh, pattern, serve
+
+MiB = 1024 * 1024
+
+
+def most_in_flight(calls):
+    """The largest number of async requests the fake held at once, from
+    its record of submissions and completions."""
+    in_flight = most = 0
+    for call in calls:
+        if call.name in ("ReadAsync", "WriteAsync"):
+            in_flight += 1
+            most = max(most, in_flight)
+        elif call.name == "Completed":
+            in_flight -= 1
+    return most
+
+
+def test_one_connection_keeps_many_reads_in_flight(fake_vddk, start_server,
+                                                   tmp_path):
+    fake_vddk.env["FAKE_VDDK_RECORD_COMPLETIONS"] = "1"
+    data = pattern(16 * MiB)
+    server = serve(start_server, fake_vddk,
+                   fake_vddk.local_disk(size=16 * MiB, data=data))
+    out = str(tmp_path / "copy.raw")
+    run([need("nbdcopy"), "--connections=1", "--requests=32",
+         "--request-size=65536", server.uri, out])
+    with open(out, "rb") as f:
+        assert f.read() == data
+    calls = fake_vddk.calls()
+    assert len([c for c in calls if c.name == "ReadAsync"]) >= 256
+    # With the fake's 0-2 ms pause, one at a time would be 1.
+    assert most_in_flight(calls) >= 8
+
+
+def test_no_two_threads_enter_one_handle(fake_vddk, start_server, tmp_path):
+    # Each call on a handle lasts 200 us longer: long enough for an
+    # overlap between the submitting thread and a flush, block status or
+    # the fake's own completions to be seen.
+    fake_vddk.env["FAKE_VDDK_HANDLE_PAUSE_US"] = "200"
+    data = pattern(8 * MiB)
+    disk = fake_vddk.local_disk(size=8 * MiB, data=data)
+    server = serve(start_server, fake_vddk, disk)
+    copy = str(tmp_path / "copy.raw")
+    reader = threading.Thread(target=run, args=(
+        [need("nbdcopy"), "--requests=32", server.uri, copy],))
+    reader.start()
+    nbdsh(server, """
+for i in range(64):
+    h.aio_pwrite(bytes([i + 1]) * 4096, 4 * 1024 * 1024 + i * 4096)
+    if i %% 8 == 0:
+        h.aio_flush()
+        h.block_status(65536, 0, lambda *args: 0)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+h.flush()
+""".replace("%%", "%"), setup="h.add_meta_context('base:allocation')\n")
+    reader.join()
+    assert not fake_vddk.calls("HandleOverlap"), fake_vddk.calls(
+        "HandleOverlap")
+    with open(disk, "rb") as f:
+        f.seek(4 * MiB)
+        written = f.read(64 * 4096)
+    assert written == b"".join(bytes([i + 1]) * 4096 for i in range(64))
+
+
+def test_the_fake_catches_two_threads_in_one_handle(session, fake_vddk,
+                                                    monkeypatch):
+    """The check above could not fail if the fake missed overlaps."""
+    monkeypatch.setenv("FAKE_VDDK_HANDLE_PAUSE_US", "20000")
+    connection = session.connect()
+    handle = session.open(connection, fake_vddk.local_disk(size=MiB))
+    threads = [threading.Thread(target=session.lib.call,
+                                args=("GetTransportMode", handle))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    session.lib.check("Close", handle)
+    session.lib.check("Disconnect", connection)
+    assert [c["call"] for c in fake_vddk.calls("HandleOverlap")] == [
+        "GetTransportMode"]
+    assert any("another call uses the handle" in w for w in session.warnings)
+
+
+def test_flush_is_answered_after_the_writes_before_it(fake_vddk,
+                                                      start_server):
+    fake_vddk.env["FAKE_VDDK_RECORD_COMPLETIONS"] = "1"
+    disk = fake_vddk.local_disk(size=MiB)
+    server = serve(start_server, fake_vddk, disk)
+    nbdsh(server, """
+for i in range(16):
+    h.aio_pwrite(bytes([i]) * 4096, i * 4096)
+h.aio_flush()
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+""")
+    names = [(c.name, c["op"] if c.name == "Completed" else None)
+             for c in fake_vddk.calls()]
+    flush = names.index(("Flush", None))
+    completed_writes = [i for i, name in enumerate(names)
+                        if name == ("Completed", "WriteAsync")]
+    assert len(completed_writes) == 16
+    assert max(completed_writes) < flush
+    assert names[flush - 1] == ("Wait", None)
+
+
+def test_a_client_gone_with_requests_in_flight_leaves_nothing_behind(
+        fake_vddk, start_server):
+    fake_vddk.env["FAKE_VDDK_ASYNC_DELAY_US"] = "50000"
+    disk = fake_vddk.local_disk(size=4 * MiB, data=pattern(4 * MiB))
+    server = serve(start_server, fake_vddk, disk)
+    # nbdsh leaves with 32 reads unanswered (no poll, no shutdown).
+    nbdsh(server, """
+for i in range(32):
+    h.aio_pread(nbd.Buffer(65536), i * 65536)
+""")
+    # The engine waited for them, then closed; the server serves on.
+    out = nbdsh(server, "print(h.pread(512, 0) == %r)" % pattern(512))
+    assert out.stdout.strip() == "True"
+    server.stop()
+    names = fake_vddk.call_names()
+    assert names.count("Open") == names.count("Close") == 2
+    assert "Overlap" not in names and "HandleOverlap" not in names

@@ -1,0 +1,374 @@
+"""One open VDDK disk: the engine a connection reads and writes.
+
+Reads and writes go out as ReadAsync and WriteAsync and complete through
+one process-wide ctypes callback, so the server can keep many requests
+of one connection in flight (``submit_pread``/``submit_pwrite``); the
+synchronous calls are a submit and a wait.
+
+VixDiskLib handles are not safe for concurrent calls, so every call on a
+handle holds the handle's lock.  nbdkit gets the same guarantee by
+funnelling calls through one thread per handle; in Python that thread
+would cost a GIL hand-off per request, while the lock is only held for
+the instant ReadAsync takes to queue a request.  Completions never take
+it, so a callback delivered inside a VDDK call cannot deadlock.
+"""
+
+import ctypes
+import errno
+import itertools
+import threading
+
+from .. import log
+from ..engine import (EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, FUA_EMULATE,
+                      MAX_REQUEST_SIZE, PARALLEL, Engine, EngineError,
+                      Extent)
+from . import abi
+from .library import PREFIX
+from .stats import STATS, now
+
+# VDDK's Open and Close are not thread-safe: one at a time, process-wide.
+OPEN_CLOSE_LOCK = threading.Lock()
+
+SECTOR = abi.SECTOR_SIZE
+CHUNK_SECTORS = abi.MIN_CHUNK_SIZE
+MAX_SECTORS_PER_QUERY = abi.MAX_CHUNK_NUMBER * CHUNK_SECTORS
+
+
+# ---------------------------------------------------------------------------
+# asynchronous completions
+
+
+class _Transfer(object):
+    """One ReadAsync or WriteAsync in flight.  Holds the buffer and its
+    ctypes view: VDDK writes into or reads from them until it completes."""
+
+    __slots__ = ("lib", "function", "count", "buffer", "array", "done",
+                 "started")
+
+    def __init__(self, lib, function, count, buffer, array, done, timed):
+        self.lib = lib
+        self.function = function
+        self.count = count
+        self.buffer = buffer
+        self.array = array
+        self.done = done
+        # Timed only for -D vddk.stats=1: completions are the hot path.
+        self.started = now() if timed else None
+
+    def finish(self, result):
+        if self.started is not None:
+            STATS.record(self.function, now() - self.started, self.count)
+        done, buffer = self.done, self.buffer
+        self.buffer = self.array = self.done = None
+        if result != abi.VIX_OK:
+            done(self.lib.error(self.function, result), None)
+        else:
+            done(None, buffer if self.function == "ReadAsync" else None)
+
+
+class AsyncCompletions(object):
+    """Maps the ``data`` pointer of ReadAsync/WriteAsync to its transfer.
+    One per process: the callback object must stay alive as long as the
+    library may call it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._pending = {}
+        self.callback = abi.CompletionFunc(self._completed)
+
+    def add(self, transfer):
+        request_id = next(self._ids)
+        with self._lock:
+            self._pending[request_id] = transfer
+        return request_id
+
+    def in_flight(self):
+        with self._lock:
+            return len(self._pending)
+
+    def forget(self, request_id):
+        with self._lock:
+            return self._pending.pop(request_id, None)
+
+    def _completed(self, data, result):
+        # On one of VDDK's threads: hand over and return.
+        transfer = self.forget(data)
+        if transfer is not None:
+            transfer.finish(result)
+
+
+COMPLETIONS = AsyncCompletions()
+
+
+def _ctypes_view(buf, count):
+    """A ctypes view of ``buf`` without copying when the buffer allows."""
+    try:
+        return (ctypes.c_uint8 * count).from_buffer(buf)
+    except TypeError:
+        return (ctypes.c_uint8 * count).from_buffer_copy(buf)
+
+
+def _wait_for(submit, *args):
+    """Run a submit_* call to its end; its data, or raise its error."""
+    finished = threading.Event()
+    outcome = []
+
+    def done(error, data):
+        outcome.append((error, data))
+        finished.set()
+    submit(*args + (done,))
+    finished.wait()
+    error, data = outcome[0]
+    if error is not None:
+        raise error
+    return data
+
+
+# ---------------------------------------------------------------------------
+# the engine
+
+
+class VddkEngine(Engine):
+    thread_model = PARALLEL
+    # Synchronous writes wait for their completion; submitted ones are
+    # handed back by the server after done().
+    keeps_write_buffers = False
+
+    def __init__(self, backend, connection, handle, readonly):
+        self.backend = backend
+        self.lib = backend.lib
+        self.connection = connection
+        self.handle = handle
+        self.readonly = readonly
+        self.capacity = 0           # sectors
+        self.preferred = 4096
+        self._handle_lock = threading.Lock()
+        self._datapath_debug = (log.verbose() and
+                                log.debug_flag("vddk.datapath", 1))
+        self._timed = bool(log.debug_flag("vddk.stats"))
+
+    def _call(self, function, *args):
+        """A checked call on this handle (raises VddkError)."""
+        with self._handle_lock:
+            return self.lib.check(function, self.handle, *args)
+
+    def load_info(self):
+        info_ptr = ctypes.POINTER(abi.Info)()
+        self._call("GetInfo", ctypes.byref(info_ptr))
+        try:
+            info = info_ptr.contents
+            self.capacity = info.capacity
+            physical = info.physicalSectorSize if self.lib.major >= 7 else 0
+            if physical and physical & (physical - 1) == 0:
+                self.preferred = max(self.preferred, physical)
+            if log.debug_flag("vddk.diskinfo"):
+                self._log_info(info)
+        finally:
+            self.lib.call("FreeInfo", info_ptr)
+        with self._handle_lock:
+            mode = self.lib.call("GetTransportMode", self.handle)
+        log.debug("transport mode: %s",
+                  mode.decode("utf-8", "replace") if mode else "unknown")
+
+    def _log_info(self, info):
+        def text(value):
+            return value.decode("utf-8", "replace") if value else "(none)"
+        log.debug("disk info: capacity %d sectors (%d bytes)",
+                  info.capacity, info.capacity * SECTOR)
+        log.debug("disk info: BIOS geometry %d/%d/%d, physical geometry "
+                  "%d/%d/%d", info.biosGeo.cylinders, info.biosGeo.heads,
+                  info.biosGeo.sectors, info.physGeo.cylinders,
+                  info.physGeo.heads, info.physGeo.sectors)
+        log.debug("disk info: adapter type %d, %d link(s), parent %s, "
+                  "uuid %s", info.adapterType, info.numLinks,
+                  text(info.parentFileNameHint), text(info.uuid))
+        if self.lib.major >= 7:
+            log.debug("disk info: sector size %d logical, %d physical",
+                      info.logicalSectorSize, info.physicalSectorSize)
+
+    # --- what the disk can do -----------------------------------------
+    def get_size(self):
+        return self.capacity * SECTOR
+
+    def block_size(self):
+        return (SECTOR, self.preferred, MAX_REQUEST_SIZE)
+
+    def can_write(self):
+        return not self.readonly
+
+    def can_flush(self):
+        return True
+
+    def can_fua(self):
+        return FUA_EMULATE
+
+    def can_zero(self):
+        return not self.readonly
+
+    def can_fast_zero(self):
+        return False
+
+    def can_extents(self):
+        return self.lib.has("QueryAllocatedBlocks")
+
+    def can_submit(self):
+        return True
+
+    # --- data ---------------------------------------------------------
+    @staticmethod
+    def _check_aligned(count, offset):
+        if offset % SECTOR or count % SECTOR:
+            raise EngineError(errno.EINVAL,
+                              "VDDK reads and writes whole 512-byte sectors "
+                              "only (offset %d, length %d)" % (offset, count))
+
+    def _start(self, function, buffer, count, offset, done):
+        """Queue one ReadAsync or WriteAsync; ``done`` follows."""
+        array = _ctypes_view(buffer, count)
+        transfer = _Transfer(self.lib, function, count, buffer, array, done,
+                             self._timed)
+        request_id = COMPLETIONS.add(transfer)
+        sector, sectors = offset // SECTOR, count // SECTOR
+        if self._datapath_debug:
+            log.debug("%s%s: sector %d, %d sectors, request %d", PREFIX,
+                      function, sector, sectors, request_id)
+        call = self.lib.functions[function]
+        with self._handle_lock:
+            err = call(self.handle, sector, sectors, array,
+                       COMPLETIONS.callback, request_id)
+        if err != abi.VIX_ASYNC:
+            # Refused (or done on the spot): no callback will come.
+            transfer = COMPLETIONS.forget(request_id)
+            if transfer is not None:
+                transfer.finish(err)
+
+    def submit_pread(self, count, offset, flags, done):
+        try:
+            self._check_aligned(count, offset)
+        except EngineError as exc:
+            done(exc, None)
+            return
+        buffer = bytearray(count)
+        if count:
+            self._start("ReadAsync", buffer, count, offset, done)
+        else:
+            done(None, buffer)
+
+    def submit_pwrite(self, buf, offset, flags, done):
+        count = len(buf) if not isinstance(buf, memoryview) else buf.nbytes
+        try:
+            self._check_aligned(count, offset)
+            if self.readonly:
+                raise EngineError(errno.EPERM, "this disk is read-only")
+        except EngineError as exc:
+            done(exc, None)
+            return
+        if count:
+            self._start("WriteAsync", buf, count, offset, done)
+        else:
+            done(None, None)
+
+    def pread(self, count, offset, flags=0):
+        return _wait_for(self.submit_pread, count, offset, flags)
+
+    def pwrite(self, buf, offset, flags=0):
+        _wait_for(self.submit_pwrite, buf, offset, flags)
+
+    def flush(self, flags=0):
+        # Flush only covers writes VDDK has been handed, so let the
+        # queued ones land first (one lock: no new request in between).
+        with self._handle_lock:
+            self.lib.check("Wait", self.handle)
+            self.lib.check("Flush", self.handle)
+
+    # --- extents ------------------------------------------------------
+    def _allocated_blocks(self, start, sectors):
+        """[(start, length)] in sectors of the allocated chunks in a
+        chunk-aligned range."""
+        block_list = ctypes.POINTER(abi.BlockList)()
+        with self._handle_lock:
+            self.lib.check("QueryAllocatedBlocks", self.handle, start,
+                           sectors, CHUNK_SECTORS, ctypes.byref(block_list))
+        try:
+            blocks = [(b.offset, b.length) for b in abi.blocks_of(block_list)]
+        finally:
+            self.lib.call("FreeBlockList", block_list)
+        if log.debug_flag("vddk.extents"):
+            for block_start, length in blocks:
+                log.debug("allocated: sector %d, %d sectors",
+                          block_start, length)
+        return blocks
+
+    def _query_runs(self, start, end, req_one):
+        """(start, length, flags) runs in sectors covering [start, end),
+        both multiples of the chunk size."""
+        runs = []
+        while start < end:
+            sectors = min(end - start, MAX_SECTORS_PER_QUERY)
+            cursor, stop = start, start + sectors
+            for block_start, length in self._allocated_blocks(start,
+                                                              sectors):
+                block_start = max(block_start, cursor)
+                block_end = min(block_start + length, stop)
+                if block_end <= block_start:
+                    continue
+                if block_start > cursor:
+                    runs.append((cursor, block_start - cursor,
+                                 EXTENT_HOLE | EXTENT_ZERO))
+                runs.append((block_start, block_end - block_start, 0))
+                cursor = block_end
+            if cursor < stop:
+                runs.append((cursor, stop - cursor, EXTENT_HOLE | EXTENT_ZERO))
+            start = stop
+            if req_one:
+                break
+        return runs
+
+    def extents(self, count, offset, flags=0):
+        req_one = flags & FLAG_REQ_ONE
+        end_byte = min(offset + count, self.get_size())
+        # QueryAllocatedBlocks only takes whole chunks, and the disk may
+        # end in a partial one: that tail is reported as data.
+        queryable_end = self.capacity // CHUNK_SECTORS * CHUNK_SECTORS
+        first = offset // SECTOR // CHUNK_SECTORS * CHUNK_SECTORS
+        last = -(-end_byte // SECTOR // CHUNK_SECTORS) * CHUNK_SECTORS
+        last = min(last, queryable_end)
+        runs = self._query_runs(first, last, req_one) if first < last else []
+        tail = max(last, first) * SECTOR
+        if tail < end_byte and not (req_one and runs):
+            runs.append((tail // SECTOR, -(-(end_byte - tail) // SECTOR), 0))
+        return _clip_extents(runs, offset, end_byte)
+
+    # --- end ----------------------------------------------------------
+    def close(self):
+        with OPEN_CLOSE_LOCK:
+            try:
+                if self.handle:
+                    for function in ("Wait", "Close"):
+                        with self._handle_lock:
+                            err = self.lib.call(function, self.handle)
+                        if err != abi.VIX_OK:
+                            log.error("%s", self.lib.error(function, err))
+                    self.handle = abi.HandlePtr()
+            finally:
+                self.connection.close()
+
+
+def _clip_extents(runs, start, end):
+    """Sector runs -> byte Extents inside [start, end), neighbours with the
+    same flags merged."""
+    extents = []
+    for run_start, length, flags in runs:
+        lo = max(run_start * SECTOR, start)
+        hi = min((run_start + length) * SECTOR, end)
+        if hi <= lo:
+            continue
+        if extents and extents[-1].flags == flags and \
+                extents[-1].offset + extents[-1].length == lo:
+            extents[-1].length += hi - lo
+        else:
+            extents.append(Extent(lo, hi - lo, flags))
+    if not extents:
+        extents.append(Extent(start, max(end - start, 1), 0))
+    return extents
