@@ -99,26 +99,48 @@ def wait_for_socket(path, proc, log_path, timeout=20):
     raise AssertionError("server did not create %s" % path)
 
 
-@pytest.fixture
-def start_server(tmp_path):
-    """start_server(*args, env=None) -> Server on tmp_path/nbd.sock."""
+def _starter(tmp_path, name, command, base_env, cwd=None):
+    """start(*args, env=None) -> Server running ``command(sock) + args``
+    in the foreground on tmp_path/NAMEn.sock; and the list of those
+    started, to stop."""
     started = []
 
     def start(*args, **kwargs):
-        sock = str(tmp_path / ("nbd%d.sock" % len(started)))
-        log_path = str(tmp_path / ("server%d.log" % len(started)))
-        env = dict(os.environ)
+        sock = str(tmp_path / ("%s%d.sock" % (name, len(started))))
+        log_path = str(tmp_path / ("%s%d.log" % (name, len(started))))
+        env = dict(base_env)
         env.update(kwargs.get("env") or {})
         with open(log_path, "wb") as log_file:
             proc = subprocess.Popen(
-                vddktool_cmd("-f", "-U", sock, *args), cwd=ROOT,
+                command(sock) + list(args), cwd=cwd,
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                 env=env)
         server = Server(proc, sock, log_path)
         started.append(server)
         wait_for_socket(sock, proc, log_path)
         return server
+    return start, started
 
+
+@pytest.fixture
+def start_server(tmp_path):
+    """start_server(*args, env=None) -> Server on tmp_path/nbdN.sock."""
+    start, started = _starter(
+        tmp_path, "nbd", lambda sock: vddktool_cmd("-f", "-U", sock),
+        os.environ, cwd=ROOT)
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def start_nbdkit(tmp_path):
+    """The same for Debian's nbdkit, the reference to compare with
+    (tests/filter_oracle.py): start_nbdkit(*args, env=None)."""
+    need("nbdkit")
+    start, started = _starter(tmp_path, "nbdkit",
+                              lambda sock: ["nbdkit", "-f", "-U", sock],
+                              CLIENT_ENV)
     yield start
     for server in started:
         server.stop()

@@ -10,7 +10,6 @@ in the final process, serve.
 """
 
 import getopt
-import importlib
 import os
 import re
 import socket
@@ -18,7 +17,7 @@ import sys
 import threading
 import traceback
 
-from . import __version__, lifecycle, log, params
+from . import __version__, filters, lifecycle, log, params
 from .backends import choose_backend
 from .engine import EngineError, UsageError
 from .usage import PLUGIN_WORD, dump_plugin_lines, help_text
@@ -44,10 +43,6 @@ LONG_OPTIONS = [
 # Set once the process has forked into the background: from then on
 # errors can only reach the log, never the terminal.
 _daemonized = False
-
-# Filters (--filter=NAME) register their module here when they arrive;
-# each module provides what the server needs to wrap the engine.
-FILTER_MODULES = {}
 
 TLS_MODES = ("off", "on", "require")
 LOG_DESTINATIONS = ("stderr", "syslog", "null")
@@ -79,7 +74,7 @@ class Options(object):
         self.show_version = False
         self.dump_plugin = False
         self.thumbprint_of = None       # --thumbprint HOST[:PORT]
-        self.filters = []
+        self.filters = []               # names, nearest the client first
         self.tls = "off"
         self.tls_certificates = None
         self.tls_verify_peer = False
@@ -108,6 +103,7 @@ def parse_command_line(argv):
         words = words[1:]
     for word in words:
         _apply_parameter(options, word)
+    filters.check_parameters(options.filters, options.given)
     return options
 
 
@@ -160,7 +156,8 @@ def _apply_option(options, option, value):
     elif option == "--thumbprint":
         options.thumbprint_of = _nonempty(option, value)
     elif option == "--filter":
-        options.filters.append(find_filter(value))
+        filters.filter_class(value)     # refuses an unknown name now
+        options.filters.append(value)
     elif option == "--tls":
         options.tls = parse_tls(value)
     elif option == "--tls-certificates":
@@ -255,22 +252,12 @@ def parse_tls(value):
     return value
 
 
-def find_filter(name):
-    module_name = FILTER_MODULES.get(name)
-    if module_name is None:
-        raise UsageError("--filter=%s: no such filter (remove the --filter "
-                         "option; vddktool has no filters yet)" % name)
-    return importlib.import_module(module_name, __package__)
-
-
 def _apply_parameter(options, word):
     key, sep, text = word.partition("=")
     if not (sep and _KEY_RE.match(key)):
         key, text = params.MAGIC_PARAM, word
-    if key not in params.BY_NAME:
-        raise UsageError("%s: unknown parameter (see --help for the list of "
-                         "parameters)" % key)
-    # As with nbdkit, the last one wins: wrappers append overrides.
+    # As with nbdkit, the last one wins: wrappers append overrides.  An
+    # unknown key is refused by parse_assignment, naming it.
     options.values[key] = params.parse_assignment(key, text)
     if key in options.given:
         options.repeated.append(key)
@@ -342,8 +329,8 @@ def main(argv=None):
             log.debug("%s= is given more than once: the last one counts",
                       name)
         if options.dump_plugin:
-            sys.stdout.write("".join(line + "\n" for line in
-                                     dump_plugin_lines(options.values)))
+            lines = dump_plugin_lines(options.values, options.filters)
+            sys.stdout.write("".join(line + "\n" for line in lines))
             return 0
         status = run_server(options)
         _exit_if_threads_linger(status)
@@ -380,8 +367,9 @@ def run_server(options):
     check_options(options, activated)
     params.check_disk(options.values)
 
-    backend = choose_backend(options.values)(options.values,
-                                             options.readonly)
+    backend = filters.build_stack(options.filters,
+                                  choose_backend(options.values),
+                                  options.values, options.readonly)
     backend.config_complete()
     # May re-exec this process: the activation variables must survive it.
     backend.get_ready()

@@ -5,8 +5,10 @@ Two levels, after nbdkit's plugin API:
 * A ``Backend`` lives for the whole process.  The CLI builds it from the
   parsed KEY=VALUE parameters, calls ``config_complete`` (validate),
   ``get_ready`` (before daemonizing: may re-exec), ``after_fork`` (after
-  daemonizing: start threads, load libraries), then ``open`` once per
-  client connection, and ``cleanup`` at exit.
+  daemonizing: start threads, load libraries), then for each client
+  connection ``preconnect`` (which may refuse it) and ``open``, and
+  ``cleanup`` at exit.  Filters (filters/base.py) are Backends that wrap
+  the next one.
 * An ``Engine`` is one open disk, owned by one connection.  The server
   and filters open it with ``Backend.open_engine``, which puts an
   ``EngineAdapter`` under it: the one place where what NBD asks and the
@@ -343,6 +345,11 @@ class FilterEngine(Engine):
     thread_model = PARALLEL
     keeps_write_buffers = False
 
+    # A filter that puts a new engine in ``self.next`` while open (retry
+    # reopens the layer below) sets this: what it leaves alone then looks
+    # up ``self.next`` at each call instead of being bound to the first.
+    replaces_next = False
+
     def __init__(self, next_engine):
         self.next = next_engine
         cls = type(self)
@@ -350,12 +357,16 @@ class FilterEngine(Engine):
                                      next_engine.thread_model)
         self.keeps_write_buffers = (cls.keeps_write_buffers or
                                     next_engine.keeps_write_buffers)
-        for name in _FORWARDED_CALLS:
-            if not _overrides(cls, name):
-                # Bound straight to the layer below: no extra call per
-                # request for what the filter leaves alone.
-                setattr(self, name, getattr(next_engine, name))
-        self._own_reads = _overrides(cls, "pread")
+        if not cls.replaces_next:
+            for name in _FORWARDED_CALLS:
+                if not _overrides(cls, name):
+                    # Bound straight to the layer below: no extra call
+                    # per request for what the filter leaves alone.
+                    setattr(self, name, getattr(next_engine, name))
+        self._own_pread = _overrides(cls, "pread")
+        # A filter that reads for itself (either way of reading) must
+        # see every read: asynchronous reads would bypass it.
+        self._own_reads = self._own_pread or _overrides(cls, "pread_sparse")
 
     # Forwarding bodies, for super() calls from filters (instances bind
     # what they do not override straight to the layer below).
@@ -423,7 +434,7 @@ class FilterEngine(Engine):
         return self.next.pread(count, offset, flags)
 
     def pread_sparse(self, count, offset, flags=0):
-        if self._own_reads:
+        if self._own_pread:
             return [(offset, self.pread(count, offset, flags))]
         return self.next.pread_sparse(count, offset, flags)
 
@@ -509,6 +520,10 @@ class Backend(object):
 
     def after_fork(self):
         """First step after daemonizing: start threads, initialise libraries."""
+
+    def preconnect(self, readonly):
+        """Called once per client connection, before the handshake.
+        Raise EngineError to refuse the client (too many connections)."""
 
     def list_exports(self, is_tls=False):
         """[(name, description)] for NBD_OPT_LIST.  ``is_tls``: the client

@@ -16,10 +16,11 @@ from .engine import UsageError
 
 
 def parse_bool(text):
+    """Booleans as nbdkit spells them (t, y, f and n too)."""
     low = text.strip().lower()
-    if low in ("1", "true", "yes", "on"):
+    if low in ("1", "true", "t", "yes", "y", "on"):
         return True
-    if low in ("0", "false", "no", "off", ""):
+    if low in ("0", "false", "f", "no", "n", "off", ""):
         return False
     raise ValueError("is not a boolean (use true or false)")
 
@@ -40,6 +41,76 @@ def parse_size(text):
     if value >= 1 << 63:
         raise ValueError("is too large")
     return value
+
+
+def parse_unsigned(text):
+    if not text.strip().isdigit():
+        raise ValueError("is not a whole number (use 0 or more, such as 5)")
+    return int(text)
+
+
+def parse_positive(text):
+    value = parse_unsigned(text)
+    if value == 0:
+        raise ValueError("must not be 0")
+    return value
+
+
+def parse_seconds(text):
+    """A time in seconds, fractions allowed (burstiness=2.5)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("is not a number of seconds (such as 2 or 0.5)")
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a number of seconds above 0")
+    return value
+
+
+def size_limited(low, high, power_of_two=False):
+    """A parse_size that insists on low <= size <= high (and a power of
+    two): the message says which rule was broken."""
+    def parse(text):
+        value = parse_size(text)
+        if power_of_two and value & (value - 1):
+            raise ValueError("is not a power of two (such as %s)"
+                             % _size_text(max(low, 1)))
+        if not low <= value <= high:
+            raise ValueError("is out of range (use %s to %s)"
+                             % (_size_text(low), _size_text(high)))
+        return value
+    return parse
+
+
+def _size_text(value):
+    for suffix, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if value >= 1 << shift and not value % (1 << shift):
+            return "%d%s" % (value >> shift, suffix)
+    return str(value)
+
+
+def parse_bits_per_second(text):
+    """A rate in bits per second, with nbdkit's size suffixes: 8M is
+    8388608 bits (1 MiB) per second."""
+    value = parse_size(text)
+    if value == 0:
+        raise ValueError("must not be 0 (drop the parameter for no limit)")
+    return value
+
+
+def parse_absolute_path(text):
+    """A path, made absolute now: the daemon later runs in /."""
+    return os.path.abspath(parse_nonempty(text))
+
+
+def parse_bool_or_path(text):
+    """true, false, or an absolute /PATH (on while PATH exists)."""
+    if text.startswith("/"):
+        return text
+    try:
+        return parse_bool(text)
+    except ValueError:
+        raise ValueError("is not true, false or an absolute /PATH")
 
 
 def parse_port(text):
@@ -312,6 +383,70 @@ PARAMS = [
           "accepted and ignored, for old command lines", "remote"),
 ]
 
+# The filters' parameters: group "filter:NAME" is --filter=NAME's.  Sizes
+# and defaults are nbdkit's.
+UINT32_MAX = 0xffffffff
+FILTER_PARAMS = [
+    Param("minblock", size_limited(1, 64 * 1024, power_of_two=True), None,
+          "SIZE", "alignment and smallest request passed down (a power "
+          "of two to 64K)", "filter:blocksize"),
+    Param("maxdata", size_limited(1, UINT32_MAX), None, "SIZE",
+          "largest read or write passed down (default 64M)",
+          "filter:blocksize"),
+    Param("maxlen", size_limited(1, UINT32_MAX), None, "SIZE",
+          "largest trim, zero or extents query passed down",
+          "filter:blocksize"),
+    Param("cow-block-size", size_limited(4096, 1 << 31, power_of_two=True),
+          64 * 1024, "SIZE", "unit of the overlay (a power of two from "
+          "4K; default 64K)", "filter:cow"),
+    Param("cow-on-read", parse_bool_or_path, False, "true|false|/PATH",
+          "also keep what is read in the overlay (/PATH: while PATH "
+          "exists)", "filter:cow"),
+    Param("cow-on-cache", parse_bool, False, "true",
+          "keep what cache (prefetch) requests read in the overlay",
+          "filter:cow"),
+    Param("rate", parse_bits_per_second, None, "BITSPERSEC",
+          "limit the bandwidth of all connections together", "filter:rate"),
+    Param("connection-rate", parse_bits_per_second, None, "BITSPERSEC",
+          "limit the bandwidth of each connection", "filter:rate"),
+    Param("rate-file", parse_absolute_path, None, "FILENAME",
+          "read the total rate from this file while serving",
+          "filter:rate"),
+    Param("connection-rate-file", parse_absolute_path, None, "FILENAME",
+          "read the per-connection rate from this file while serving",
+          "filter:rate"),
+    Param("burstiness", parse_seconds, 2.0, "SECS",
+          "how long a client may go at full speed after a pause "
+          "(default 2)", "filter:rate"),
+    Param("retries", parse_unsigned, 5, "N",
+          "how many times a failed request is retried (default 5, 0: "
+          "never)", "filter:retry"),
+    Param("retry-delay", parse_positive, 2, "N",
+          "seconds to wait before the first retry (default 2)",
+          "filter:retry"),
+    Param("retry-exponential", parse_bool, True, "yes|no",
+          "double the wait at each retry (default yes)", "filter:retry"),
+    Param("retry-readonly", parse_bool, False, "yes|no",
+          "after a failure, reopen the disk read-only (default no)",
+          "filter:retry"),
+    Param("scan-ahead", parse_bool, True, "false",
+          "skip ahead of the client's reads (default true)", "filter:scan"),
+    Param("scan-clock", parse_bool, True, "false",
+          "resume where the last client left off (default true)",
+          "filter:scan"),
+    Param("scan-forever", parse_bool, False, "true",
+          "start again at the end of the disk (default false)",
+          "filter:scan"),
+    Param("scan-size", size_limited(512, 32 * 1024 * 1024,
+                                    power_of_two=True),
+          2 * 1024 * 1024, "SIZE", "size of each prefetch (a power of two, "
+          "512 to 32M; default 2M)", "filter:scan"),
+    Param("limit", parse_unsigned, 1, "N",
+          "clients served at once (default 1, 0: no limit)",
+          "filter:limit"),
+]
+PARAMS.extend(FILTER_PARAMS)
+
 BY_NAME = dict((p.name, p) for p in PARAMS)
 
 # The first bare word on the command line (no '=') is file=.
@@ -327,17 +462,27 @@ def defaults():
     return dict((p.name, p.default) for p in PARAMS)
 
 
+def filter_of(name):
+    """The filter a parameter belongs to, or None for the engines'."""
+    group = BY_NAME[name].group
+    return group[len("filter:"):] if group.startswith("filter:") else None
+
+
 def parse_assignment(name, text):
-    """Parse one KEY=VALUE; raise UsageError naming the parameter."""
+    """Parse one KEY=VALUE; raise UsageError naming the parameter (and
+    the filter whose it is)."""
     param = BY_NAME.get(name)
     if param is None:
-        raise UsageError("unknown parameter %r (see --help for the list of "
-                         "parameters)" % name)
+        raise UsageError("%s: unknown parameter: no filter or engine takes "
+                         "it (see --help for the list of parameters)"
+                         % name)
     try:
         return param.parse(text)
     except ValueError as e:
         shown = "***" if name in ("password", "cookie") else text
-        raise UsageError("%s: %r %s" % (name, shown, e))
+        owner = filter_of(name)
+        raise UsageError("%s%s: %r %s" % (
+            name, " (--filter=%s)" % owner if owner else "", shown, e))
 
 
 def is_remote(values):

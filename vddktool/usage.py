@@ -8,7 +8,7 @@ equivalent plugin, plus the VDDK engine's own facts.
 import os
 import sys
 
-from . import __version__, log, params
+from . import __version__, filters, log, params
 from .backends import backend_class
 
 # The plugin name nbdkit command lines put before the parameters.
@@ -32,12 +32,24 @@ Options:
   -D, --debug NAME.FLAG=N  set a debug flag
   --log=stderr|syslog|null  where messages go
   --tls=off             TLS (only off for now)
-  --filter=NAME         insert a filter (none available yet)
+  --filter=NAME         insert a filter (see Filters below; the first
+                        --filter is nearest the client)
   --dump-plugin         print facts about the engines and exit
   --thumbprint HOST[:PORT]  print the server's certificate thumbprint
   -V, --version         print the version and exit
   -h, --help            print this help and exit
 """
+
+
+def _parameter_lines(param_list):
+    lines = []
+    for param in param_list:
+        spelling = "%s=%s" % (param.name, param.metavar)
+        if param.name == params.MAGIC_PARAM:
+            spelling = "[%s=]%s" % (param.name, param.metavar)
+        lines.append("  %s" % spelling)
+        lines.append("      %s" % param.summary)
+    return lines
 
 
 def help_text():
@@ -50,12 +62,16 @@ def help_text():
         HELP_OPTIONS,
         "Parameters:",
     ]
-    for param in params.PARAMS:
-        spelling = "%s=%s" % (param.name, param.metavar)
-        if param.name == params.MAGIC_PARAM:
-            spelling = "[%s=]%s" % (param.name, param.metavar)
-        lines.append("  %s" % spelling)
-        lines.append("      %s" % param.summary)
+    lines.extend(_parameter_lines(
+        [p for p in params.PARAMS if params.filter_of(p.name) is None]))
+    lines.append("")
+    lines.append("Filters (--filter=NAME; their parameters go with the "
+                 "others):")
+    for name in filters.NAMES:
+        summary = filters.filter_class(name).summary
+        lines.append("  --filter=%s: %s" % (name, summary))
+        lines.extend("  " + line for line in
+                     _parameter_lines(filters.parameters_of(name)))
     lines.append("")
     lines.append("See vddktool(1) for the details.")
     return "\n".join(lines) + "\n"
@@ -78,18 +94,24 @@ def program_path():
     return os.path.abspath(archive or os.path.dirname(__file__))
 
 
-def dump_plugin_lines(values):
+def dump_plugin_lines(values, filter_names=()):
+    """nbdkit's lines for the plugin; thread_model is that of the stack
+    the given filters make.  vddktool_filters lists the filters there
+    are, vddktool_filter_stack those given (nearest the client first)."""
     lines = [
         "path=%s" % program_path(),
         "name=%s" % PLUGIN_WORD,
         "version=%s" % __version__,
         "api_version=2",
         "max_thread_model=parallel",
-        "thread_model=parallel",
+        "thread_model=%s" % filters.thread_model(filter_names),
         "errno_is_preserved=1",
         "magic_config_key=%s" % params.MAGIC_PARAM,
     ]
     lines.extend("has_%s=1" % name for name in PLUGIN_CALLBACKS)
+    lines.append("vddktool_filters=%s" % ",".join(filters.NAMES))
+    if filter_names:
+        lines.append("vddktool_filter_stack=%s" % ",".join(filter_names))
     try:
         vddk_backend = backend_class("vddk")
     except ImportError as e:

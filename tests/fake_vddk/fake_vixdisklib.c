@@ -284,6 +284,25 @@ covers_fault (const char *name, uint64_t sector, uint64_t count)
     (uint64_t) at < (sector + count) * SECTOR_SIZE;
 }
 
+/* $FAKE_VDDK_FAIL_READ_TIMES=N (or _WRITE_TIMES): the fault at
+ * FAKE_VDDK_FAIL_READ_AT (or _WRITE_AT) hits only the first N requests
+ * covering it, then clears, as a network hiccup would.  The count is
+ * process-wide, so closing and reopening the disk does not reset it.
+ * Unset, the fault hits every time. */
+static int faults_hit[2];
+
+static int
+fault_hits (int is_write)
+{
+  const char *times = env_value (is_write ? "FAKE_VDDK_FAIL_WRITE_TIMES"
+                                          : "FAKE_VDDK_FAIL_READ_TIMES");
+
+  if (times == NULL)
+    return 1;
+  return __atomic_add_fetch (&faults_hit[is_write], 1, __ATOMIC_SEQ_CST)
+    <= strtol (times, NULL, 10);
+}
+
 /* Real VDDK's Open and Close must not run in several threads at once
  * (callers serialize them process-wide).  Each takes a little while here
  * (2 ms, or $FAKE_VDDK_OPEN_CLOSE_PAUSE_MS) so that an overlap is caught:
@@ -843,7 +862,8 @@ transfer (struct handle *h, int is_write, uint64_t sector, uint64_t count,
   if (sector > h->capacity || count > h->capacity - sector)
     return VIX_E_INVALID_ARG;
   if (covers_fault (is_write ? "FAKE_VDDK_FAIL_WRITE_AT"
-                             : "FAKE_VDDK_FAIL_READ_AT", sector, count))
+                             : "FAKE_VDDK_FAIL_READ_AT", sector, count) &&
+      fault_hits (is_write))
     return VIX_E_FILE_ERROR;
   if (exceeds_server_memory (h, remaining))
     return VIX_E_OUT_OF_MEMORY;

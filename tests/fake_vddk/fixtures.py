@@ -16,6 +16,10 @@ What the environment does (see fake_vixdisklib.c):
                                "actual thumbprint=REAL expected=GIVEN"
   FAKE_VDDK_FAIL_READ_AT=N     reads covering byte N fail
   FAKE_VDDK_FAIL_WRITE_AT=N    writes covering byte N fail
+  FAKE_VDDK_FAIL_READ_TIMES=K  ... only the first K reads covering it
+  FAKE_VDDK_FAIL_WRITE_TIMES=K ... only the first K writes covering it
+                               (counted process-wide: reopening the
+                               disk does not reset the count)
   FAKE_VDDK_FAIL_OPEN=1        Open fails with VDDK's "Error 1"
   FAKE_VDDK_MAX_REQUEST_BYTES=N  remote reads and writes above N bytes fail
                                with the NFC out-of-memory error
@@ -142,11 +146,16 @@ class FakeVddk(object):
         for field, value in fields.items():
             self.env["FAKE_VDDK_EXPECT_" + field.upper()] = str(value)
 
-    def fail_read_at(self, offset):
+    def fail_read_at(self, offset, times=None):
+        """Reads covering ``offset`` fail (the first ``times`` only)."""
         self.env["FAKE_VDDK_FAIL_READ_AT"] = str(offset)
+        if times is not None:
+            self.env["FAKE_VDDK_FAIL_READ_TIMES"] = str(times)
 
-    def fail_write_at(self, offset):
+    def fail_write_at(self, offset, times=None):
         self.env["FAKE_VDDK_FAIL_WRITE_AT"] = str(offset)
+        if times is not None:
+            self.env["FAKE_VDDK_FAIL_WRITE_TIMES"] = str(times)
 
     def fail_open(self):
         self.env["FAKE_VDDK_FAIL_OPEN"] = "1"

@@ -81,12 +81,16 @@ class Connection(object):
         try:
             if self.debugging:
                 log.debug("%s: new connection", self.peer)
+            # Filters may refuse the client before the handshake (limit).
+            self.backend.preconnect(self.settings.readonly)
             ready, engine = self._negotiate()
             if ready is not None:
                 self._transmit(ready, engine)
         except (OSError, nbd.ProtocolError, Disconnect) as exc:
             if self.debugging:
                 log.debug("%s: connection ends: %s", self.peer, exc)
+        except EngineError as exc:
+            log.error("%s: %s", self.peer, exc)
         finally:
             if engine is not None:
                 self._close_engine(engine)
