@@ -13,6 +13,9 @@ does not advertise multi-conn):
 
   read-pause, read-1us     nbdcopy URI null:
   write-pause, write-1us   nbdcopy SOURCE URI, into a copy of the disk
+  v2v-read-pause           nbdcopy URI null: through virt-v2v's filters
+                           (--filter cow --filter cacheextents --filter
+                           retry), on every server alike
 
 Servers: ``vddktool vddk`` (backend=vddk), ``nbdkit vddk`` (only with
 --nbdkit-vddk PLUGIN.so: Debian does not package it; build it from
@@ -39,7 +42,9 @@ from common import CLIENT_ENV, MiB, ROOT, Served, make_source
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from fake_vddk.build import build  # noqa: E402
 
-WORKLOADS = ("read-pause", "read-1us", "write-pause", "write-1us")
+WORKLOADS = ("read-pause", "read-1us", "write-pause", "write-1us",
+             "v2v-read-pause")
+V2V_FILTERS = ["--filter=cow", "--filter=cacheextents", "--filter=retry"]
 ONE_MICROSECOND = {"FAKE_VDDK_ASYNC_DELAY_US": "1"}
 
 
@@ -86,6 +91,8 @@ class Bench(object):
         env = ONE_MICROSECOND if workload.endswith("1us") else {}
         writing = workload.startswith("write")
         mode = [] if writing else ["-r"]
+        if workload.startswith("v2v"):
+            mode += V2V_FILTERS
         suffix = workload + ".raw"
         disk = self.disk_copy("vddktool-" + suffix) if writing \
             else self.source

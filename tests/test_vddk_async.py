@@ -131,3 +131,21 @@ for i in range(32):
     names = fake_vddk.call_names()
     assert names.count("Open") == names.count("Close") == 2
     assert "Overlap" not in names and "HandleOverlap" not in names
+
+
+def test_a_filter_that_changes_reads_keeps_requests_overlapping(
+        fake_vddk, start_server, tmp_path):
+    """cow changes reads, so the stack takes the synchronous path; VDDK
+    being latency-bound, requests still overlap there.  (retry, as in
+    nbdkit, serializes requests: virt-v2v's full stack runs one at a
+    time in both.)"""
+    fake_vddk.env["FAKE_VDDK_RECORD_COMPLETIONS"] = "1"
+    data = pattern(16 * MiB)
+    server = serve(start_server, fake_vddk, "--filter", "cow", "--filter",
+                   "cacheextents",
+                   fake_vddk.local_disk(size=16 * MiB, data=data))
+    out = str(tmp_path / "copy.raw")
+    run([need("nbdcopy"), "--requests=32", server.uri, out])
+    with open(out, "rb") as f:
+        assert f.read() == data
+    assert most_in_flight(fake_vddk.calls()) >= 4
