@@ -785,3 +785,11 @@ def test_the_protocol_module_does_no_io():
              "'selectors', 'ssl') if m in sys.modules))\n")
     out = subprocess.check_output([sys.executable, "-c", probe], cwd=ROOT)
     assert out.decode().strip() == "[]"
+
+
+def test_peek_reads_command_and_length_only():
+    header = nbd.encode_request(nbd.CMD_WRITE, 0xabcdef, 1 << 40, 65536,
+                                nbd.CMD_FLAG_FUA)
+    assert nbd.peek_command_and_length(header) == (nbd.CMD_WRITE, 65536)
+    assert nbd.peek_command_and_length(memoryview(header)) == (
+        nbd.CMD_WRITE, 65536)

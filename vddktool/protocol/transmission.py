@@ -43,6 +43,17 @@ def decode_request(header):
     return flags, command, cookie, offset, length
 
 
+# A header's command and length fields, from byte 6 (the cookie and
+# offset between them skipped).
+_COMMAND_AND_LENGTH = struct.Struct(">H16xI")
+
+
+def peek_command_and_length(header):
+    """(command, length) of a request header, without decoding the rest
+    (the server glances at the next request before it is its turn)."""
+    return _COMMAND_AND_LENGTH.unpack_from(header, 6)
+
+
 class Request(object):
     """One decoded request; ``payload`` is a WRITE's data once read."""
 

@@ -2,7 +2,6 @@
 engine handed to a dispatcher for the transmission phase."""
 
 import errno
-import struct
 import threading
 
 from .. import log
@@ -21,11 +20,6 @@ WORKER_PATIENCE_SECONDS = 0.005
 ASYNC_REQUESTS_PER_THREAD = 4
 # ... and this many bytes per -t thread (one request always fits).
 ASYNC_BYTES_PER_THREAD = 4 * 1024 * 1024
-
-
-# The command and length fields of a request header, from byte 6 (the
-# cookie and offset between them skipped).
-_COMMAND_AND_LENGTH = struct.Struct(">H16xI")
 
 
 class Disconnect(Exception):
@@ -252,7 +246,7 @@ class Connection(object):
         header = self.channel.buffered(nbd.REQUEST_SIZE)
         if header is None:
             return False
-        command, length = _COMMAND_AND_LENGTH.unpack_from(header, 6)
+        command, length = nbd.peek_command_and_length(header)
         return command == nbd.CMD_READ and length < SMALL_FILE_RANGE
 
     def next_request(self, admit=None):
