@@ -163,8 +163,8 @@ def test_required_tls_tells_nothing_before_the_upgrade():
     for opt in sorted(nbd.OPTION_NAMES):
         if opt not in (nbd.OPT_EXPORT_NAME, nbd.OPT_ABORT,
                        nbd.OPT_STARTTLS):
-            stream += option(opt, info_payload("disk", [nbd.INFO_NAME,
-                                                         nbd.INFO_DESCRIPTION]))
+            stream += option(opt, info_payload(
+                "disk", [nbd.INFO_NAME, nbd.INFO_DESCRIPTION]))
     handshake = nbd.Handshake("require")
     handshake.receive_data(stream)
     event = handshake.next_event()

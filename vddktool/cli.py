@@ -18,7 +18,7 @@ import sys
 import threading
 import traceback
 
-from . import __version__, lifecycle, log, params
+from . import __version__, exposure, lifecycle, log, params
 from .backends import backend_class, choose_backend
 from .engine import EngineError, UsageError
 from .vmdk.extent import VmdkError
@@ -37,9 +37,8 @@ LONG_OPTIONS = [
     "exit-with-parent", "filter=", "foreground", "no-fork", "help",
     "ipaddr=", "ip-addr=", "log=", "newstyle", "oldstyle", "pidfile=",
     "pid-file=", "port=", "readonly", "read-only", "run=", "single",
-    "stdin", "threads=", "tls=", "tls-certificates=", "tls-verify-peer",
-    "unix=", "verbose", "version",
-]
+    "stdin", "threads=", "unix=", "verbose", "version",
+] + exposure.LONG_OPTIONS
 
 # Set once the process has forked into the background: from then on
 # errors can only reach the log, never the terminal.
@@ -49,7 +48,6 @@ _daemonized = False
 # each module provides what the server needs to wrap the engine.
 FILTER_MODULES = {}
 
-TLS_MODES = ("off", "on", "require")
 LOG_DESTINATIONS = ("stderr", "syslog", "null")
 
 # A KEY=VALUE word has a key like these; anything else with '=' in it (a
@@ -79,9 +77,7 @@ class Options(object):
         self.show_version = False
         self.dump_plugin = False
         self.filters = []
-        self.tls = "off"
-        self.tls_certificates = None
-        self.tls_verify_peer = False
+        self.exposure = exposure.ExposureOptions()
         self.values = params.defaults()
         self.given = []                 # parameter names, in order given
 
@@ -157,12 +153,8 @@ def _apply_option(options, option, value):
         options.dump_plugin = True
     elif option == "--filter":
         options.filters.append(find_filter(value))
-    elif option == "--tls":
-        options.tls = parse_tls(value)
-    elif option == "--tls-certificates":
-        options.tls_certificates = value
-    elif option == "--tls-verify-peer":
-        options.tls_verify_peer = True
+    elif exposure.apply_option(options.exposure, option, value):
+        pass
     elif option in ("-n", "--newstyle"):
         pass    # the only protocol there is
     elif option in ("-o", "--oldstyle"):
@@ -239,15 +231,6 @@ def parse_debug_flag(option, value):
                 pass
     raise UsageError("%s: %r is not NAME.FLAG=N (for example %s "
                      "vddk.stats=1)" % (option, value, option))
-
-
-def parse_tls(value):
-    _choice("--tls", value, TLS_MODES)
-    if value != "off":
-        raise UsageError("--tls=%s: TLS is not supported yet (use --tls=off, "
-                         "and reach the server over a Unix socket or a "
-                         "trusted network)" % value)
-    return value
 
 
 def find_filter(name):
@@ -327,7 +310,6 @@ Options:
   -v, --verbose         print debug messages
   -D, --debug NAME.FLAG=N  set a debug flag
   --log=stderr|syslog|null  where messages go
-  --tls=off             TLS (only off for now)
   --filter=NAME         insert a filter (none available yet)
   --dump-plugin         print facts about the engines and exit
   -V, --version         print the version and exit
@@ -342,7 +324,7 @@ def help_text():
         "",
         "Serve a VMware virtual disk over NBD, like nbdkit's VDDK plugin.",
         "",
-        HELP_OPTIONS,
+        HELP_OPTIONS + exposure.HELP_OPTIONS,
         "Parameters:",
     ]
     for param in params.PARAMS:
@@ -450,6 +432,7 @@ def _fail(message):
 def run_server(options):
     activated = lifecycle.activated_fds()
     check_options(options, activated)
+    serving = exposure.server_settings(options.exposure)
     params.check_disk(options.values)
 
     backend = choose_backend(options.values)(options.values,
@@ -465,7 +448,7 @@ def run_server(options):
             lifecycle.forget_activation()
         listeners = open_listeners(options, activated)
         try:
-            return _serve(options, backend, listeners)
+            return _serve(options, backend, listeners, serving)
         finally:
             if listeners:
                 listeners.close()
@@ -491,7 +474,7 @@ def should_daemonize(options, listeners):
                 or (listeners is not None and listeners.activated))
 
 
-def _serve(options, backend, listeners):
+def _serve(options, backend, listeners, serving):
     from .server import Server, ServerSettings
     from .vddk.reexec import caller_environment
 
@@ -502,7 +485,7 @@ def _serve(options, backend, listeners):
 
     settings = ServerSettings(readonly=options.readonly,
                               export_name=options.export_name,
-                              threads=options.threads, tls=options.tls)
+                              threads=options.threads, **serving)
     stopper = Stopper()
     lifecycle.install_signal_handlers(stopper.stop)
     if options.exit_with_parent:
@@ -523,7 +506,7 @@ def _serve(options, backend, listeners):
                 command = lifecycle.CaptiveCommand(
                     options.run_command,
                     lifecycle.run_environment(listeners, options.export_name,
-                                              options.tls,
+                                              serving["tls"],
                                               base=caller_environment()),
                     stopper.stop)
                 command.start()

@@ -27,14 +27,18 @@ _SIGNAL_POLL_SECONDS = 0.5
 
 
 class ServerSettings(object):
-    """Server-wide options: -r, -e, -t, --tls."""
+    """Server-wide options: -r, -e, -t, --tls.
+
+    ``tls_context``: the ssl.SSLContext STARTTLS upgrades with (tls.py
+    makes it; without one STARTTLS is refused)."""
 
     def __init__(self, readonly=False, export_name="", threads=16,
-                 tls="off"):
+                 tls="off", tls_context=None):
         self.readonly = readonly
         self.export_name = export_name
         self.threads = max(1, int(threads))
         self.tls = tls
+        self.tls_context = tls_context
 
 
 class _ThreadPerConnectionMixIn(object):
