@@ -16,6 +16,8 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tests share tools/nbdclient.py with the fuzz and load tools.
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 # Client tools run with Debian's /usr/bin ahead of pyenv's shims.
 CLIENT_ENV = dict(os.environ)
@@ -138,3 +140,4 @@ def need(tool):
     path = shutil.which(tool, path=CLIENT_ENV["PATH"])
     assert path, "%s is not installed (run .ci/run or see README)" % tool
     return path
+

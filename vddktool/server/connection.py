@@ -121,11 +121,26 @@ class Connection(object):
             self.channel.send([out])
 
     def _start_tls(self, handshake):
-        # The seam for TLS: with a certificate configured this becomes
-        # accept_tls(), send the ACK, replace self.channel with a TLS
-        # channel over the same socket (bytes the socket channel read
-        # ahead belong to the TLS handshake), then handshake.tls_started().
-        handshake.refuse_tls("TLS is not implemented in this version")
+        context = self.settings.tls_context
+        if context is None:
+            handshake.refuse_tls("TLS is not configured on this server")
+            return
+        # Imported here: a server without TLS never loads ssl.
+        from .tls_channel import TlsChannel, TlsHandshakeError
+        handshake.accept_tls()
+        self._flush_handshake(handshake)
+        # Bytes the client sent past STARTTLS, and those the socket
+        # channel read ahead, are the start of the TLS handshake.
+        channel = TlsChannel(self.channel, context, handshake.trailing_data)
+        try:
+            channel.handshake()
+        except TlsHandshakeError as exc:
+            log.warning("%s: TLS handshake failed: %s", self.peer, exc)
+            raise Disconnect("TLS handshake failed")
+        self.channel = channel
+        handshake.tls_started()
+        if self.debugging:
+            log.debug("%s: TLS started: %s", self.peer, channel.describe())
 
     def _answer_export(self, handshake, request):
         if self.debugging:
