@@ -141,3 +141,19 @@ def need(tool):
     assert path, "%s is not installed (run .ci/run or see README)" % tool
     return path
 
+
+def threads_and_descriptors(pid):
+    """How many threads and open descriptors a process has now."""
+    return (len(os.listdir("/proc/%d/task" % pid)),
+            len(os.listdir("/proc/%d/fd" % pid)))
+
+
+def settles_at(pid, expected, timeout=30):
+    """Wait until the process has ``expected`` (threads, descriptors);
+    returns what it has at the end (equal unless the wait ran out)."""
+    deadline = time.time() + timeout
+    while True:
+        now = threads_and_descriptors(pid)
+        if now == expected or time.time() > deadline:
+            return now
+        time.sleep(0.05)

@@ -10,7 +10,7 @@ import pytest
 from conftest import run
 from test_cli import fails
 from tls_fixtures import pki  # noqa: F401 (fixture)
-from vddktool import tls
+from vddktool import exposure, tls
 from vddktool.engine import UsageError
 
 HAS_PSK = sys.version_info >= tls.PSK_PYTHON
@@ -95,9 +95,22 @@ def test_verify_peer_needs_the_ca(tmp_path, pki):
 
 @pytest.mark.parametrize("args, option", [
     (["--tls=maybe"], "--tls"),
+    (["--handshake-limit=soon"], "--handshake-limit"),
+    (["--handshake-limit=-1"], "--handshake-limit"),
+    (["--max-connections=0"], "--max-connections"),
+    (["--max-connections=many"], "--max-connections"),
 ])
 def test_bad_values_name_their_option(args, option):
     assert fails(*(args + ["/x"])).startswith("vddktool: %s: " % option)
+
+
+def test_limits_parse():
+    options = exposure.ExposureOptions()
+    assert options.handshake_limit == 10 and options.max_connections == 256
+    exposure.apply_option(options, "--handshake-limit", "0")
+    exposure.apply_option(options, "--max-connections", "3")
+    assert options.handshake_limit == 0 and options.max_connections == 3
+    assert not exposure.apply_option(options, "--port", "1")
 
 
 # ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from ..engine import MAX_REQUEST_SIZE, PARALLEL, EngineError, SerializedEngine
 from .channels import FileSendError
 from .commands import Commands, WriteBuffers
 from .dispatch import AsyncWindow, LeaderFollowers
+from .limits import NegotiationExpired
 
 # How long one request may run before another thread takes over reading
 # the next ones (see LeaderFollowers).
@@ -76,7 +77,8 @@ class Connection(object):
             ready, engine = self._negotiate()
             if ready is not None:
                 self._transmit(ready, engine)
-        except (OSError, nbd.ProtocolError, Disconnect) as exc:
+        except (OSError, nbd.ProtocolError, Disconnect,
+                NegotiationExpired) as exc:
             if self.debugging:
                 log.debug("%s: connection ends: %s", self.peer, exc)
         finally:
@@ -89,7 +91,30 @@ class Connection(object):
 
     # -- negotiation --
     def _negotiate(self):
-        """Run the handshake.  Returns (Ready, engine) or (None, None)."""
+        """Run the handshake, within the handshake limit.  Returns
+        (Ready, engine) or (None, None)."""
+        ready, engine = None, None
+        try:
+            with self.server.watchdog.watch(self) as timer:
+                ready, engine = self._haggle(timer)
+        except NegotiationExpired:
+            if engine is not None:
+                self._close_engine(engine)
+            raise
+        return ready, engine
+
+    def negotiation_expired(self):
+        """The watchdog's call, from its thread: cut the channel, which
+        ends any read or send the connection's thread is blocked in."""
+        log.warning("%s: still negotiating after %g seconds (see "
+                    "--handshake-limit): disconnecting", self.peer,
+                    self.settings.handshake_limit)
+        self.channel.abort()
+
+    def _haggle(self, timer):
+        """The options, one by one, until an export is chosen.  Only the
+        client's time counts against the limit: ``timer`` is paused while
+        the backend works (a remote disk may take long to open)."""
         handshake = nbd.Handshake(self.settings.tls)
         self.channel.send([handshake.greeting()])
         while True:
@@ -101,12 +126,13 @@ class Connection(object):
                     return None, None
                 handshake.receive_data(data)
             elif isinstance(event, nbd.ExportRequest):
-                result, engine = self._answer_export(handshake, event)
+                result, engine = self._answer_export(handshake, event, timer)
                 if isinstance(result, nbd.Ready):
                     return result, engine
             elif isinstance(event, nbd.ListRequest):
-                handshake.answer_list(self.backend.list_exports(
-                    self.channel.is_tls))
+                with timer.paused():
+                    exports = self.backend.list_exports(self.channel.is_tls)
+                handshake.answer_list(exports)
             elif isinstance(event, nbd.TlsRequest):
                 self._start_tls(handshake)
             elif isinstance(event, nbd.Closed):
@@ -142,21 +168,22 @@ class Connection(object):
         if self.debugging:
             log.debug("%s: TLS started: %s", self.peer, channel.describe())
 
-    def _answer_export(self, handshake, request):
+    def _answer_export(self, handshake, request, timer):
         if self.debugging:
             log.debug("%s: %s export %r", self.peer,
                       nbd.OPTION_NAMES[request.option], request.name)
         name = request.name or self.settings.export_name
-        engine, message = self._open_engine(name)
-        info = None
-        if engine is not None:
-            try:
-                info = self._describe(engine, name, handshake.structured,
-                                      request.infos)
-            except Exception as exc:
-                log.error("export %r: %s", name, exc)
-                self._close_engine(engine)
-                engine, message = None, "cannot query the export"
+        with timer.paused():
+            engine, message = self._open_engine(name)
+            info = None
+            if engine is not None:
+                try:
+                    info = self._describe(engine, name, handshake.structured,
+                                          request.infos)
+                except Exception as exc:
+                    log.error("export %r: %s", name, exc)
+                    self._close_engine(engine)
+                    engine, message = None, "cannot query the export"
         result = handshake.answer_export(info, message)
         keep = isinstance(result, nbd.Ready)
         try:

@@ -1,0 +1,220 @@
+"""What a client may cost: the handshake limit drops clients that do not
+finish negotiating, --max-connections refuses clients beyond the cap, and
+a flood of idle connections leaves no thread or descriptor behind."""
+
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import settles_at, threads_and_descriptors
+from nbdclient import NbdClient
+from tls_fixtures import pki  # noqa: F401 (fixture)
+from vddktool import protocol as nbd
+from vddktool.server.limits import HandshakeWatchdog, NegotiationExpired
+
+
+@pytest.fixture
+def disk(tmp_path):
+    return [str(tmp_path / "disk.vmdk"), "create=true", "create-size=1M"]
+
+
+def connect(server):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(60)
+    sock.connect(server.sock)
+    return sock
+
+
+def greeted(sock):
+    """True when the server sent its greeting, False when it hung up."""
+    data = b""
+    while len(data) < nbd.GREETING.size:
+        piece = sock.recv(nbd.GREETING.size - len(data))
+        if not piece:
+            return False
+        data += piece
+    return True
+
+
+def hung_up(sock):
+    """Wait for the server to close the connection (True), or for it
+    to send something instead (False)."""
+    try:
+        while True:
+            piece = sock.recv(4096)
+            if not piece:
+                return True
+            if not piece.startswith(b"NBDMAGIC"):
+                return False
+    except ConnectionResetError:
+        return True
+
+
+# An idle server's threads: the main one, and the handshake limit's
+# (there from the first client on).
+IDLE_THREADS = 2
+
+
+def quiet_counts(server):
+    """Threads and descriptors of a server after one whole connection."""
+    client = NbdClient.unix(server.sock)
+    client.greet()
+    client.go()
+    client.disconnect()
+    assert client.at_eof()
+    client.close()
+    pid = server.proc.pid
+    deadline = time.time() + 30
+    while threads_and_descriptors(pid)[0] != IDLE_THREADS:
+        assert time.time() < deadline, threads_and_descriptors(pid)
+        time.sleep(0.05)
+    return threads_and_descriptors(pid)
+
+
+# ---------------------------------------------------------------------------
+# --handshake-limit
+
+
+def test_a_silent_client_is_dropped(start_server, disk):
+    server = start_server("--handshake-limit=1", *disk)
+    quiet = quiet_counts(server)
+    sock = connect(server)
+    try:
+        assert greeted(sock)
+        assert hung_up(sock)
+    finally:
+        sock.close()
+    assert settles_at(server.proc.pid, quiet) == quiet
+    assert "still negotiating after 1 seconds" in server.log()
+
+
+def test_a_client_stalling_in_the_tls_handshake_is_dropped(start_server, pki,
+                                                           disk):
+    server = start_server("--handshake-limit=1", "--tls=require",
+                          "--tls-certificates=" + pki.server, *disk)
+    client = NbdClient.unix(server.sock)
+    try:
+        client.greet()
+        client.option(nbd.OPT_STARTTLS)
+        assert client.reply()[1] == nbd.REP_ACK
+        client.send(b"\x16\x03\x01")    # a TLS record that never ends
+        assert client.at_eof()
+    finally:
+        client.close()
+    assert "still negotiating" in server.log()
+
+
+def test_a_slow_option_stream_is_dropped(start_server, disk):
+    # Options keep coming, but negotiation never ends: the limit is on
+    # the whole negotiation, not on each read.
+    server = start_server("--handshake-limit=1", *disk)
+    client = NbdClient.unix(server.sock)
+    try:
+        client.greet()
+        dropped = False
+        for _ in range(200):
+            try:
+                client.option(nbd.OPT_STRUCTURED_REPLY)
+                client.reply()
+            except Exception:
+                dropped = True
+                break
+            time.sleep(0.05)
+        assert dropped
+    finally:
+        client.close()
+
+
+class FakeConnection(object):
+    def __init__(self):
+        self.expired = threading.Event()
+
+    def negotiation_expired(self):
+        self.expired.set()
+
+
+def test_watchdog_expires_a_connection_and_says_so():
+    watchdog = HandshakeWatchdog(0.05)
+    connection = FakeConnection()
+    try:
+        with pytest.raises(NegotiationExpired):
+            with watchdog.watch(connection):
+                assert connection.expired.wait(30)
+    finally:
+        watchdog.stop()
+
+
+def test_time_the_server_works_for_the_client_does_not_count():
+    watchdog = HandshakeWatchdog(1.0)
+    connection = FakeConnection()
+    try:
+        with watchdog.watch(connection) as timer:
+            with timer.paused():
+                time.sleep(1.5)     # a disk slow to open
+        assert not connection.expired.is_set()
+    finally:
+        watchdog.stop()
+
+
+def test_no_limit_means_no_thread():
+    watchdog = HandshakeWatchdog(0)
+    with watchdog.watch(FakeConnection()) as timer:
+        with timer.paused():
+            pass
+    assert watchdog._thread is None
+
+
+# ---------------------------------------------------------------------------
+# --max-connections
+
+
+def test_clients_beyond_the_cap_are_refused(start_server, disk):
+    server = start_server("--max-connections=2", *disk)
+    first, second = connect(server), connect(server)
+    try:
+        assert greeted(first) and greeted(second)
+        third = connect(server)
+        assert not greeted(third)
+        third.close()
+        first.close()
+        # Once the first has gone, there is room again.
+        deadline = time.time() + 30
+        while True:
+            fourth = connect(server)
+            if greeted(fourth):
+                break
+            fourth.close()
+            assert time.time() < deadline, "no room after a client left"
+            time.sleep(0.05)
+        fourth.close()
+    finally:
+        first.close()
+        second.close()
+    assert "refused 1 more" in server.log()
+
+
+def test_a_flood_of_idle_clients_is_bounded_and_leaves_nothing(start_server,
+                                                               disk):
+    cap = 20
+    server = start_server("--handshake-limit=2",
+                          "--max-connections=%d" % cap, *disk)
+    quiet = quiet_counts(server)
+    socks = [connect(server) for _ in range(3 * cap)]
+    try:
+        answered = sum(greeted(sock) for sock in socks)
+        threads, _ = threads_and_descriptors(server.proc.pid)
+        # One thread per admitted connection, no more.
+        assert answered <= cap and threads <= quiet[0] + cap
+        assert all(hung_up(sock) for sock in socks)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert settles_at(server.proc.pid, quiet) == quiet
+    # ... and the server still serves.
+    client = NbdClient.unix(server.sock)
+    client.greet()
+    assert client.go() == 1024 * 1024
+    client.close()
+
