@@ -17,9 +17,9 @@ HAS_PSK = sys.version_info >= tls.PSK_PYTHON
 SECRET_KEY = "7a1b8f0c9d3e2f415263748596a7b8c9"
 
 
-def test_default_directories_for_a_user_then_the_system():
+def test_default_directories_for_a_user_are_their_own():
     assert tls.default_certificate_dirs(euid=1000, home="/home/ann") == [
-        "/home/ann/.pki/nbdkit", "/etc/pki/nbdkit"]
+        "/home/ann/.pki/nbdkit", "/home/ann/.config/pki/nbdkit"]
 
 
 def test_default_directory_for_root_is_the_system_one():
@@ -30,24 +30,34 @@ def test_default_directory_for_root_is_the_system_one():
 def test_no_certificates_found_says_where_it_looked(monkeypatch, tmp_path):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setattr(tls, "SYSTEM_CERTIFICATES", str(tmp_path / "etc"))
     with pytest.raises(UsageError) as caught:
         tls.find_certificates(None, "require")
     message = str(caught.value)
     assert message.startswith("--tls=require: no certificates found in ")
     assert os.path.join(str(tmp_path), ".pki", "nbdkit") in message
-    assert str(tmp_path / "etc") in message
+    assert os.path.join(str(tmp_path), ".config", "pki", "nbdkit") in message
+
+
+def test_root_looks_in_the_system_directory(monkeypatch, tmp_path, pki):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(tls, "SYSTEM_CERTIFICATES", str(tmp_path / "etc"))
+    with pytest.raises(UsageError) as caught:
+        tls.find_certificates(None, "on")
+    assert str(tmp_path / "etc") in str(caught.value)
+    monkeypatch.setattr(tls, "SYSTEM_CERTIFICATES", pki.server)
+    assert tls.find_certificates(None, "on") == pki.server
 
 
 def test_the_first_default_directory_with_a_key_wins(monkeypatch, tmp_path,
                                                      pki):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setattr(tls, "SYSTEM_CERTIFICATES", pki.server)
-    assert tls.find_certificates(None, "on") == pki.server
-    own = tmp_path / ".pki" / "nbdkit"
-    shutil.copytree(pki.server, str(own))
-    assert tls.find_certificates(None, "on") == str(own)
+    second = tmp_path / ".config" / "pki" / "nbdkit"
+    shutil.copytree(pki.server, str(second))
+    assert tls.find_certificates(None, "on") == str(second)
+    first = tmp_path / ".pki" / "nbdkit"
+    shutil.copytree(pki.server, str(first))
+    assert tls.find_certificates(None, "on") == str(first)
 
 
 def test_missing_directory(tmp_path):

@@ -22,9 +22,11 @@ CA_CRL = "ca-crl.pem"
 SERVER_CERT = "server-cert.pem"
 SERVER_KEY = "server-key.pem"
 
-# Where nbdkit looks when no directory is given.
+# Where nbdkit looks when no directory is given: root in the system's
+# directory, anyone else in their own.
 SYSTEM_CERTIFICATES = "/etc/pki/nbdkit"
-USER_CERTIFICATES = os.path.join(".pki", "nbdkit")
+USER_CERTIFICATES = (os.path.join(".pki", "nbdkit"),
+                     os.path.join(".config", "pki", "nbdkit"))
 
 # ssl.SSLContext.set_psk_server_callback arrived in Python 3.13.
 PSK_PYTHON = (3, 13)
@@ -45,17 +47,15 @@ def _ssl():
 
 
 def default_certificate_dirs(euid=None, home=None):
-    """The directories nbdkit searches, in order: a user's own first
-    (non-root only), then the system's."""
+    """The directories nbdkit searches, in order."""
     if euid is None:
         euid = os.geteuid()
+    if euid == 0:
+        return [SYSTEM_CERTIFICATES]
     if home is None:
         home = os.environ.get("HOME", "")
-    dirs = []
-    if euid != 0 and home:
-        dirs.append(os.path.join(home, USER_CERTIFICATES))
-    dirs.append(SYSTEM_CERTIFICATES)
-    return dirs
+    return [os.path.join(home, path) for path in USER_CERTIFICATES] \
+        if home else []
 
 
 def _has_server_files(directory):
@@ -83,6 +83,10 @@ def find_certificates(given, mode):
     for directory in tried:
         if _has_server_files(directory):
             return directory
+    if not tried:
+        raise UsageError("--tls=%s: no certificate directory given and $HOME "
+                         "is not set (give --tls-certificates=DIR or "
+                         "--tls-psk=FILE)" % mode)
     raise UsageError("--tls=%s: no certificates found in %s (put %s and %s "
                      "there, or give --tls-certificates=DIR or "
                      "--tls-psk=FILE)" % (mode, " or ".join(tried),
