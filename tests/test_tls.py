@@ -301,3 +301,26 @@ def test_psk_with_libnbd(start_server, disk, tmp_path):
         f.write("alice:%s\n" % os.urandom(32).hex())
     assert nbdinfo(uri("alice", other), check=False).returncode != 0
     assert "Traceback" not in server.log()
+
+
+def test_run_gets_an_nbds_uri_when_tls_is_required(pki, disk):
+    # As nbdkit: $uri says nbds, and the command adds its certificates.
+    proc = vddktool("-U", "-", "--tls=require",
+                    "--tls-certificates=" + pki.server, disk[0], "--run",
+                    'echo "$tls $uri"; nbdinfo --size '
+                    '"$uri&tls-certificates=%s"' % pki.client)
+    tls_mode, uri, size = proc.stdout.split()
+    assert tls_mode == "2" and uri.startswith("nbds+unix:///?socket=")
+    assert size == str(4 * MiB)
+
+
+def test_a_revoked_client_certificate_is_refused(start_server, pki, disk):
+    # ca-crl.pem next to the CA revokes the otherwise good client.
+    server = start_server("--tls=require", "--tls-verify-peer",
+                          "--tls-certificates=" + pki.revoking, disk[0])
+    proc = nbdinfo(tls_uri(server.sock, pki.client), check=False)
+    assert proc.returncode != 0 and "export-size" not in proc.stdout
+    log_text = server.log()
+    assert "TLS handshake failed: certificate verify failed" in log_text
+    if sys.version_info >= (3, 7):     # 3.6 does not say why
+        assert "certificate revoked" in log_text

@@ -9,6 +9,7 @@ them:
                 tls-certificates=, qemu's tls-creds-x509 dir=)
   anonymous     ca-cert.pem only: checks the server, shows no certificate
   stranger      a client certificate signed by another CA
+  revoking      the server's files and a ca-crl.pem revoking the client
 
 EC keys (P-256): quick to make, and every client here speaks them.
 """
@@ -79,10 +80,32 @@ class PKI(object):
         sign(other_ca, os.path.join(self.stranger, "client-key.pem"),
              os.path.join(self.stranger, "client-cert.pem"), "/CN=stranger",
              CLIENT_NAMES, work)
-        for directory in (self.server, self.client, self.stranger):
+        self.revoking = self.path("revoking")
+        for name in os.listdir(self.server):
+            _copy(os.path.join(self.server, name),
+                  os.path.join(self.revoking, name))
+        self._revoke(os.path.join(self.client, "client-cert.pem"),
+                     os.path.join(self.revoking, "ca-crl.pem"), work)
+        for directory in (self.server, self.client, self.stranger,
+                          self.revoking):
             for name in os.listdir(directory):
                 if name.endswith("-key.pem"):
                     os.chmod(os.path.join(directory, name), 0o600)
+
+    def _revoke(self, cert, crl, work):
+        config = os.path.join(work, "ca.cnf")
+        with open(config, "w") as f:
+            f.write("[ca]\ndefault_ca = ca\n[ca]\n"
+                    "database = %s/index.txt\ncrlnumber = %s/crlnumber\n"
+                    "default_md = sha256\ndefault_crl_days = 30\n"
+                    % (work, work))
+        open(os.path.join(work, "index.txt"), "w").close()
+        with open(os.path.join(work, "crlnumber"), "w") as f:
+            f.write("01\n")
+        ca_key, ca_cert = self.ca
+        common = ["-config", config, "-keyfile", ca_key, "-cert", ca_cert]
+        _openssl("ca", "-revoke", cert, *common)
+        _openssl("ca", "-gencrl", "-out", crl, *common)
 
     def path(self, name):
         path = os.path.join(self.root, name)

@@ -193,8 +193,11 @@ class TlsChannel(object):
 
 
 def describe_ssl_error(exc):
-    """OpenSSL's reason ("TLSV1_ALERT_UNKNOWN_CA") or its message."""
+    """OpenSSL's reason ("tlsv1 alert unknown ca"), with why a client's
+    certificate was refused when known, or the whole message."""
     reason = getattr(exc, "reason", None)
-    if reason:
-        return reason.lower().replace("_", " ")
-    return str(exc)
+    if not reason:
+        return str(exc)
+    text = reason.lower().replace("_", " ")
+    detail = getattr(exc, "verify_message", None)     # Python 3.7+
+    return "%s: %s" % (text, detail) if detail else text
