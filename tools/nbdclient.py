@@ -11,6 +11,7 @@ import socket
 import ssl
 import struct
 import sys
+import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -54,7 +55,10 @@ class _Plain(object):
 
 
 class _Tls(object):
-    """TLS over another transport, through memory BIOs."""
+    """TLS over another transport, through memory BIOs.  One thread may
+    send while another receives (as a client with requests in flight
+    does): the SSL object is used under a lock, the network outside it,
+    and a second lock keeps what is sent in order."""
 
     def __init__(self, raw, context, hostname=None):
         self.raw = raw
@@ -63,39 +67,49 @@ class _Tls(object):
         self.ssl = context.wrap_bio(self.incoming, self.outgoing,
                                     server_side=False,
                                     server_hostname=hostname)
+        self.lock = threading.Lock()
+        self.send_lock = threading.Lock()
         while True:
             try:
-                self.ssl.do_handshake()
+                with self.lock:
+                    self.ssl.do_handshake()
                 break
             except ssl.SSLWantReadError:
-                self._pump()
+                self._push()
+                self._pull()
         self._push()
 
     def _push(self):
-        data = self.outgoing.read()
-        if data:
-            self.raw.send(data)
+        with self.send_lock:
+            with self.lock:
+                data = self.outgoing.read()
+            if data:
+                self.raw.send(data)
 
-    def _pump(self):
-        self._push()
+    def _pull(self):
         data = self.raw.recv_some(65536)
-        if not data:
-            self.incoming.write_eof()
-        else:
-            self.incoming.write(data)
+        with self.lock:
+            if data:
+                self.incoming.write(data)
+            else:
+                self.incoming.write_eof()
 
     def send(self, data):
         view = memoryview(data)
-        for start in range(0, len(view), 65536):
-            self.ssl.write(view[start:start + 65536])
-            self._push()
+        with self.send_lock:
+            for start in range(0, len(view), 65536):
+                with self.lock:
+                    self.ssl.write(view[start:start + 65536])
+                    out = self.outgoing.read()
+                self.raw.send(out)
 
     def recv_some(self, count):
         while True:
             try:
-                return self.ssl.read(count)
+                with self.lock:
+                    return self.ssl.read(count)
             except ssl.SSLWantReadError:
-                self._pump()
+                self._pull()
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""
 
