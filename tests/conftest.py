@@ -148,6 +148,31 @@ def threads_and_descriptors(pid):
             len(os.listdir("/proc/%d/fd" % pid)))
 
 
+# An idle server's threads: the main one, and the handshake limit's
+# (there from the first client on).
+IDLE_THREADS = 2
+
+
+def idle_counts(server, context=None):
+    """Threads and descriptors of an idle server, after one whole
+    connection (TLS with an ssl context)."""
+    from nbdclient import NbdClient
+    client = NbdClient.unix(server.sock)
+    client.greet()
+    if context is not None:
+        client.starttls(context)
+    client.go()
+    client.disconnect()
+    assert client.at_eof()
+    client.close()
+    pid = server.proc.pid
+    deadline = time.time() + 30
+    while threads_and_descriptors(pid)[0] != IDLE_THREADS:
+        assert time.time() < deadline, threads_and_descriptors(pid)
+        time.sleep(0.05)
+    return threads_and_descriptors(pid)
+
+
 def settles_at(pid, expected, timeout=30):
     """Wait until the process has ``expected`` (threads, descriptors);
     returns what it has at the end (equal unless the wait ran out)."""

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import settles_at, threads_and_descriptors
+from conftest import idle_counts, settles_at, threads_and_descriptors
 from nbdclient import NbdClient
 from tls_fixtures import pki  # noqa: F401 (fixture)
 from vddktool import protocol as nbd
@@ -52,34 +52,13 @@ def hung_up(sock):
         return True
 
 
-# An idle server's threads: the main one, and the handshake limit's
-# (there from the first client on).
-IDLE_THREADS = 2
-
-
-def quiet_counts(server):
-    """Threads and descriptors of a server after one whole connection."""
-    client = NbdClient.unix(server.sock)
-    client.greet()
-    client.go()
-    client.disconnect()
-    assert client.at_eof()
-    client.close()
-    pid = server.proc.pid
-    deadline = time.time() + 30
-    while threads_and_descriptors(pid)[0] != IDLE_THREADS:
-        assert time.time() < deadline, threads_and_descriptors(pid)
-        time.sleep(0.05)
-    return threads_and_descriptors(pid)
-
-
 # ---------------------------------------------------------------------------
 # --handshake-limit
 
 
 def test_a_silent_client_is_dropped(start_server, disk):
     server = start_server("--handshake-limit=1", *disk)
-    quiet = quiet_counts(server)
+    quiet = idle_counts(server)
     sock = connect(server)
     try:
         assert greeted(sock)
@@ -200,7 +179,7 @@ def test_a_flood_of_idle_clients_is_bounded_and_leaves_nothing(start_server,
     cap = 20
     server = start_server("--handshake-limit=2",
                           "--max-connections=%d" % cap, *disk)
-    quiet = quiet_counts(server)
+    quiet = idle_counts(server)
     socks = [connect(server) for _ in range(3 * cap)]
     try:
         answered = sum(greeted(sock) for sock in socks)

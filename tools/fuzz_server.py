@@ -19,12 +19,12 @@ and be back to the threads and descriptors it had before.
 import os
 import random
 import socket
-import subprocess
 import threading
 import time
 
 import fuzz_cases as cases
 from fuzz import Findings, check_framing
+from liveserver import HANG_SECONDS, LiveServer
 from nbdclient import ClientError, NbdClient, client_context
 from testpki import PKI
 from vddktool import protocol as nbd
@@ -33,62 +33,9 @@ DISK_SIZE = 8 * 1024 * 1024
 NBD_ERRNOS = {0, nbd.NBD_EPERM, nbd.NBD_EIO, nbd.NBD_ENOMEM, nbd.NBD_EINVAL,
               nbd.NBD_ENOSPC, nbd.NBD_EOVERFLOW, nbd.NBD_ENOTSUP,
               nbd.NBD_ESHUTDOWN}
-# A live server that says nothing for this long is hung.
-HANG_SECONDS = 30
 HANDSHAKE_LIMIT = 3
 MAX_CONNECTIONS = 64
 KINDS = ("noise", "noise", "tls-noise", "requests", "requests", "broken")
-
-
-class LiveServer(object):
-    def __init__(self, work, python, certificates):
-        self.sock = os.path.join(work, "fuzz.sock")
-        self.log_path = os.path.join(work, "server.log")
-        argv = [python, "-m", "vddktool", "-f", "-U", self.sock,
-                "--tls=on", "--tls-certificates=" + certificates,
-                "--handshake-limit=%d" % HANDSHAKE_LIMIT,
-                "--max-connections=%d" % MAX_CONNECTIONS, "-t", "4",
-                os.path.join(work, "disk.vmdk"), "create=true",
-                "create-size=%d" % DISK_SIZE]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(argv, cwd=cases.ROOT,
-                                         stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=log)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(self.sock):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not start: see "
-                                 + self.log_path)
-            time.sleep(0.05)
-
-    def counts(self):
-        pid = self.proc.pid
-        return (len(os.listdir("/proc/%d/task" % pid)),
-                len(os.listdir("/proc/%d/fd" % pid)))
-
-    def quiet_counts(self, idle_threads=2, timeout=HANG_SECONDS):
-        """Threads and descriptors once no client is left: the main
-        thread and the handshake limit's remain."""
-        deadline = time.monotonic() + timeout
-        while self.counts()[0] != idle_threads:
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        return self.counts()
-
-    def log(self):
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 def connect(server):
@@ -236,7 +183,12 @@ def run_session(rng, server, context, findings, lock):
 def fuzz_server(count, seed, work, python, workers, progress=None):
     pki = PKI(os.path.join(work, "pki"))
     context = client_context(pki.client)
-    server = LiveServer(work, python, pki.server)
+    server = LiveServer(work, python, [
+        "--tls=on", "--tls-certificates=" + pki.server,
+        "--handshake-limit=%d" % HANDSHAKE_LIMIT,
+        "--max-connections=%d" % MAX_CONNECTIONS, "-t", "4",
+        os.path.join(work, "disk.vmdk"), "create=true",
+        "create-size=%d" % DISK_SIZE])
     findings = Findings()
     lock = threading.Lock()
     try:
