@@ -57,7 +57,7 @@ def hung_up(sock):
 
 
 def test_a_silent_client_is_dropped(start_server, disk):
-    server = start_server("--handshake-limit=1", *disk)
+    server = start_server("--handshake-limit=0.5", *disk)
     quiet = idle_counts(server)
     sock = connect(server)
     try:
@@ -66,12 +66,12 @@ def test_a_silent_client_is_dropped(start_server, disk):
     finally:
         sock.close()
     assert settles_at(server.proc.pid, quiet) == quiet
-    assert "still negotiating after 1 seconds" in server.log()
+    assert "still negotiating after 0.5 seconds" in server.log()
 
 
 def test_a_client_stalling_in_the_tls_handshake_is_dropped(start_server, pki,
                                                            disk):
-    server = start_server("--handshake-limit=1", "--tls=require",
+    server = start_server("--handshake-limit=0.5", "--tls=require",
                           "--tls-certificates=" + pki.server, *disk)
     client = NbdClient.unix(server.sock)
     try:
@@ -88,7 +88,7 @@ def test_a_client_stalling_in_the_tls_handshake_is_dropped(start_server, pki,
 def test_a_slow_option_stream_is_dropped(start_server, disk):
     # Options keep coming, but negotiation never ends: the limit is on
     # the whole negotiation, not on each read.
-    server = start_server("--handshake-limit=1", *disk)
+    server = start_server("--handshake-limit=0.5", *disk)
     client = NbdClient.unix(server.sock)
     try:
         client.greet()
@@ -126,12 +126,12 @@ def test_watchdog_expires_a_connection_and_says_so():
 
 
 def test_time_the_server_works_for_the_client_does_not_count():
-    watchdog = HandshakeWatchdog(1.0)
+    watchdog = HandshakeWatchdog(0.5)
     connection = FakeConnection()
     try:
         with watchdog.watch(connection) as timer:
             with timer.paused():
-                time.sleep(1.5)     # a disk slow to open
+                time.sleep(0.8)     # a disk slow to open
         assert not connection.expired.is_set()
     finally:
         watchdog.stop()
@@ -177,7 +177,7 @@ def test_clients_beyond_the_cap_are_refused(start_server, disk):
 def test_a_flood_of_idle_clients_is_bounded_and_leaves_nothing(start_server,
                                                                disk):
     cap = 20
-    server = start_server("--handshake-limit=2",
+    server = start_server("--handshake-limit=1",
                           "--max-connections=%d" % cap, *disk)
     quiet = idle_counts(server)
     socks = [connect(server) for _ in range(3 * cap)]
