@@ -24,27 +24,14 @@ and vddktool's ratio to each other server: above 1.0, vddktool is faster.
 import argparse
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
-from common import CLIENT_ENV, MiB, Served, convert, make_source
+from common import (Served, convert, copy_rates, make_source,
+                    preallocate)
 
 
 WORKLOADS = ("flat-read", "sparse-read", "write")
-
-
-def preallocate(path, size_mib):
-    with open(path, "wb") as f:
-        os.posix_fallocate(f.fileno(), 0, size_mib * MiB)
-
-
-def timed(argv):
-    start = time.monotonic()
-    subprocess.check_call(argv, env=CLIENT_ENV)
-    return time.monotonic() - start
 
 
 class Bench(object):
@@ -102,26 +89,9 @@ class Bench(object):
                 self.qemu_nbd("-f", "raw", "--cache=writeback",
                               self.path("write-qemu.raw"))]
 
-    def command(self, workload, uri):
-        if workload == "write":
-            return ["nbdcopy", self.raw, uri]
-        return ["nbdcopy", uri, "null:"]
-
     def run(self, workload, runs):
-        servers = self.servers(workload)
-        try:
-            times = dict((s.name, []) for s in servers)
-            for s in servers:
-                timed(self.command(workload, s.uri))  # warm up
-            for _ in range(runs):
-                for s in servers:
-                    times[s.name].append(timed(self.command(workload,
-                                                            s.uri)))
-        finally:
-            for s in servers:
-                s.stop()
-        return dict((name, self.size / statistics.median(t))
-                    for name, t in times.items())
+        return copy_rates(self.servers(workload), workload, self.raw,
+                          self.size, runs)
 
 
 def report(workload, rates):

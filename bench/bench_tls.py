@@ -19,29 +19,16 @@ vddktool is faster).
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
-import time
-import subprocess
 
-from common import CLIENT_ENV, ROOT, MiB, Served, convert, make_source
+from common import (ROOT, Served, convert, copy_rates, make_source,
+                    preallocate)
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 from testpki import PKI  # noqa: E402
 
 WORKLOADS = ("read", "write")
-
-
-def timed(argv):
-    start = time.monotonic()
-    subprocess.check_call(argv, env=CLIENT_ENV)
-    return time.monotonic() - start
-
-
-def preallocate(path, size_mib):
-    with open(path, "wb") as f:
-        os.posix_fallocate(f.fileno(), 0, size_mib * MiB)
 
 
 class Bench(object):
@@ -90,26 +77,9 @@ class Bench(object):
                                   readonly + ["file", extent], tls))
         return out
 
-    def command(self, workload, uri):
-        if workload == "write":
-            return ["nbdcopy", self.raw, uri]
-        return ["nbdcopy", uri, "null:"]
-
     def run(self, workload, runs):
-        servers = self.servers(workload)
-        try:
-            times = dict((s.name, []) for s in servers)
-            for s in servers:
-                timed(self.command(workload, s.uri))  # warm up
-            for _ in range(runs):
-                for s in servers:
-                    times[s.name].append(timed(self.command(workload,
-                                                            s.uri)))
-        finally:
-            for s in servers:
-                s.stop()
-        return dict((name, self.size / statistics.median(t))
-                    for name, t in times.items())
+        return copy_rates(self.servers(workload), workload, self.raw,
+                          self.size, runs)
 
 
 def report(workload, rates):

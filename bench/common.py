@@ -1,8 +1,9 @@
 """What the benchmarks share: paths, the client environment, test data,
-and a server process on a Unix socket."""
+a server process on a Unix socket, and interleaved timed runs."""
 
 import os
 import signal
+import statistics
 import subprocess
 import time
 
@@ -26,6 +27,48 @@ def make_source(path, size_mib, sparse=False):
             else:
                 f.write(chunk[i:] + chunk[:i])
         f.truncate(size_mib * MiB)
+
+
+def preallocate(path, size_mib):
+    with open(path, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, size_mib * MiB)
+
+
+def timed(argv):
+    start = time.monotonic()
+    subprocess.check_call(argv, env=CLIENT_ENV)
+    return time.monotonic() - start
+
+
+def nbdcopy(workload, source, uri):
+    """"write" copies ``source`` into the server; anything else reads the
+    server's disk and throws it away."""
+    if workload == "write":
+        return ["nbdcopy", source, uri]
+    return ["nbdcopy", uri, "null:"]
+
+
+def copy_rates(servers, workload, source, size_mib, runs):
+    """MiB/s by server name: the median of ``runs`` nbdcopy runs against
+    each server in turn (A, B, C, A, B, C..., so a noisy neighbour hurts
+    all alike), after one warm-up run each.  Every server is stopped at
+    the end."""
+
+    def command(uri):
+        return nbdcopy(workload, source, uri)
+
+    try:
+        times = dict((s.name, []) for s in servers)
+        for s in servers:
+            timed(command(s.uri))
+        for _ in range(runs):
+            for s in servers:
+                times[s.name].append(timed(command(s.uri)))
+    finally:
+        for s in servers:
+            s.stop()
+    return dict((name, size_mib / statistics.median(t))
+                for name, t in times.items())
 
 
 def convert(source, target, subformat):

@@ -28,7 +28,7 @@ class ClientError(Exception):
     """The server broke the protocol (or hung up early)."""
 
 
-class _Plain(object):
+class Plain(object):
     """Bytes over a socket or a pair of descriptors."""
 
     def __init__(self, sock=None, read_fd=None, write_fd=None):
@@ -162,15 +162,15 @@ class NbdClient(object):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         sock.connect(path)
-        return cls(_Plain(sock))
+        return cls(Plain(sock))
 
     @classmethod
     def tcp(cls, host, port, timeout=60):
-        return cls(_Plain(socket.create_connection((host, port), timeout)))
+        return cls(Plain(socket.create_connection((host, port), timeout)))
 
     @classmethod
     def pipes(cls, read_fd, write_fd):
-        return cls(_Plain(read_fd=read_fd, write_fd=write_fd))
+        return cls(Plain(read_fd=read_fd, write_fd=write_fd))
 
     def close(self):
         self.transport.close()
