@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import run
+from conftest import ROOT, run, vddktool_cmd
 from test_cli import fails
 from tls_fixtures import pki  # noqa: F401 (fixture)
 from vddktool import exposure, tls
@@ -172,3 +172,14 @@ def test_psk_on_the_command_line(tmp_path):
         # One line saying which Python TLS-PSK needs.
         assert "--tls-psk: TLS-PSK needs Python 3.13 or newer" in line
     assert SECRET_KEY not in line
+
+
+def test_a_key_others_can_read_is_warned_about(tmp_path, pki):
+    directory = tmp_path / "certs"
+    shutil.copytree(pki.server, str(directory))
+    os.chmod(str(directory / "server-key.pem"), 0o644)
+    proc = run(vddktool_cmd("--tls=on", "--tls-certificates=" + str(directory),
+                            "/nonexistent/disk.vmdk"), check=False, cwd=ROOT)
+    assert "server-key.pem can be read by other users (chmod 600 it)" \
+        in proc.stderr
+    assert "BEGIN" not in proc.stderr
