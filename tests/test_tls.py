@@ -13,6 +13,7 @@ from conftest import (ROOT, Server, free_tcp_port, need, run, vddktool,
                       vddktool_cmd)
 from nbdclient import NbdClient, client_context
 from tls_fixtures import pki, tls_uri  # noqa: F401 (fixture)
+from vddktool import protocol as nbd
 from vddktool import tls
 
 MiB = 1024 * 1024
@@ -324,3 +325,47 @@ def test_a_revoked_client_certificate_is_refused(start_server, pki, disk):
     assert "TLS handshake failed: certificate verify failed" in log_text
     if sys.version_info >= (3, 7):     # 3.6 does not say why
         assert "certificate revoked" in log_text
+
+
+def test_engines_learn_whether_the_client_is_on_tls(tmp_path, pki):
+    # nbdkit passes is_tls to open and list_exports; so does vddktool.
+    from inprocess import serving
+    from vddktool.tls import TlsSettings
+    from vddktool.vmdk.backend import NativeBackend
+
+    seen = []
+
+    class Recording(NativeBackend):
+        def list_exports(self, is_tls=False):
+            seen.append(("list", is_tls))
+            return super().list_exports(is_tls)
+
+        def open(self, export_name, readonly, is_tls=False):
+            seen.append(("open", is_tls))
+            return super().open(export_name, readonly, is_tls)
+
+    need("qemu-img")
+    disk = str(tmp_path / "disk.vmdk")
+    run(["qemu-img", "create", "-q", "-f", "vmdk", disk, "1M"])
+    backend = Recording({"file": disk})
+    backend.get_ready()
+    settings = TlsSettings()
+    settings.mode, settings.certificates = "on", pki.server
+    try:
+        with serving(backend, tmp_path, tls="on",
+                     tls_context=settings.server_context()) as uri:
+            sock = uri.split("socket=")[1]
+            for context in (None, client_context(pki.client)):
+                client = NbdClient.unix(sock)
+                client.greet()
+                if context is not None:
+                    client.starttls(context)
+                client.option(nbd.OPT_LIST)
+                client.replies_until_final()
+                client.go()
+                client.disconnect()
+                client.close()
+    finally:
+        backend.cleanup()
+    assert seen == [("list", False), ("open", False),
+                    ("list", True), ("open", True)]
