@@ -58,14 +58,14 @@ def hung_up(sock):
 
 def test_a_silent_client_is_dropped(start_server, disk):
     server = start_server("--handshake-limit=0.5", *disk)
-    quiet = idle_counts(server)
+    idle = idle_counts(server)
     sock = connect(server)
     try:
         assert greeted(sock)
         assert hung_up(sock)
     finally:
         sock.close()
-    assert settles_at(server.proc.pid, quiet) == quiet
+    assert settles_at(server.proc.pid, idle) == idle
     assert "still negotiating after 0.5 seconds" in server.log()
 
 
@@ -109,20 +109,26 @@ def test_a_slow_option_stream_is_dropped(start_server, disk):
 class FakeConnection(object):
     def __init__(self):
         self.expired = threading.Event()
+        self.report = "not called"
 
-    def negotiation_expired(self):
+    def negotiation_expired(self, report):
+        self.report = report
         self.expired.set()
 
 
-def test_watchdog_expires_a_connection_and_says_so():
+def test_watchdog_expires_connections_and_logs_the_first_only():
     watchdog = HandshakeWatchdog(0.05)
-    connection = FakeConnection()
+    first, second = FakeConnection(), FakeConnection()
     try:
-        with pytest.raises(NegotiationExpired):
-            with watchdog.watch(connection):
-                assert connection.expired.wait(30)
+        for connection in (first, second):
+            with pytest.raises(NegotiationExpired):
+                with watchdog.watch(connection):
+                    assert connection.expired.wait(30)
     finally:
         watchdog.stop()
+    # The first says so; the next, within a minute, is only counted.
+    assert first.report == 0 and second.report is None
+    assert watchdog._unreported == 1
 
 
 def test_time_the_server_works_for_the_client_does_not_count():
@@ -179,18 +185,20 @@ def test_a_flood_of_idle_clients_is_bounded_and_leaves_nothing(start_server,
     cap = 20
     server = start_server("--handshake-limit=1",
                           "--max-connections=%d" % cap, *disk)
-    quiet = idle_counts(server)
+    idle = idle_counts(server)
     socks = [connect(server) for _ in range(3 * cap)]
     try:
         answered = sum(greeted(sock) for sock in socks)
         threads, _ = threads_and_descriptors(server.proc.pid)
         # One thread per admitted connection, no more.
-        assert answered <= cap and threads <= quiet[0] + cap
+        assert answered <= cap and threads <= idle[0] + cap
         assert all(hung_up(sock) for sock in socks)
     finally:
         for sock in socks:
             sock.close()
-    assert settles_at(server.proc.pid, quiet) == quiet
+    assert settles_at(server.proc.pid, idle) == idle
+    # One line in the log for the lot, not one per client.
+    assert server.log().count("still negotiating") == 1
     # ... and the server still serves.
     client = NbdClient.unix(server.sock)
     client.greet()

@@ -103,12 +103,17 @@ class Connection(object):
             raise
         return ready, engine
 
-    def negotiation_expired(self):
+    def negotiation_expired(self, report):
         """The watchdog's call, from its thread: cut the channel, which
-        ends any read or send the connection's thread is blocked in."""
-        log.warning("%s: still negotiating after %g seconds (see "
-                    "--handshake-limit): disconnecting", self.peer,
-                    self.settings.handshake_limit)
+        ends any read or send the connection's thread is blocked in.
+        ``report``: None to stay quiet, else how many others were cut
+        without a word since the last message."""
+        if report is not None:
+            log.warning("%s: still negotiating after %g seconds (see "
+                        "--handshake-limit): disconnecting%s", self.peer,
+                        self.settings.handshake_limit,
+                        " (and %d other clients since the last such "
+                        "message)" % report if report else "")
         self.channel.abort()
 
     def _haggle(self, timer):

@@ -11,16 +11,23 @@ import threading
 from time import monotonic
 
 
+# Dropped clients are logged at most this often (with a count of the
+# others): a flood of idle connections must not flood the log too.
+REPORT_SECONDS = 60.0
+
+
 class NegotiationExpired(Exception):
     """The client did not finish negotiating in time."""
 
 
 class HandshakeWatchdog(object):
-    """Calls ``connection.negotiation_expired()`` for each connection
-    that spends more than ``limit`` seconds of its own inside
+    """Calls ``connection.negotiation_expired(report)`` for each
+    connection that spends more than ``limit`` seconds of its own inside
     ``watch(connection)``: time the server spends on the client's behalf
     (opening a disk on a slow vCenter) is left out with ``paused()``.
-    ``limit`` 0 means no limit (no thread either)."""
+    ``report`` is None when the connection should not log, else how many
+    were dropped without a word since the last one that did.  ``limit``
+    0 means no limit (no thread either)."""
 
     def __init__(self, limit):
         self.limit = limit
@@ -29,6 +36,8 @@ class HandshakeWatchdog(object):
         self._deadlines = {}    # connection -> monotonic deadline
         self._thread = None
         self._stopped = False
+        self._last_report = None    # only the watchdog's thread uses these
+        self._unreported = 0
 
     @contextlib.contextmanager
     def watch(self, connection):
@@ -74,9 +83,19 @@ class HandshakeWatchdog(object):
                 if connection is None:
                     return
             try:
-                connection.negotiation_expired()
+                connection.negotiation_expired(self._report())
             except Exception:   # a closed socket: it is ending anyway
                 pass
+
+    def _report(self):
+        now = monotonic()
+        if self._last_report is not None \
+                and now - self._last_report < REPORT_SECONDS:
+            self._unreported += 1
+            return None
+        self._last_report = now
+        report, self._unreported = self._unreported, 0
+        return report
 
     def _next_expired(self):
         """Wait for the next deadline to pass; None once stopped.  A
