@@ -30,29 +30,17 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
-from common import CLIENT_ENV, MiB, Served, convert, make_source
+from common import (CLIENT_ENV, MiB, Served, convert, copy_rates,
+                    interleaved_rates, make_source, preallocate)
 
 
 WORKLOADS = ("flat-read", "sparse-read", "write", "sparse-write",
              "randread")
 FIO_SECONDS = 10
-
-
-def preallocate(path, size_mib):
-    with open(path, "wb") as f:
-        os.posix_fallocate(f.fileno(), 0, size_mib * MiB)
-
-
-def timed(argv):
-    start = time.monotonic()
-    subprocess.check_call(argv, env=CLIENT_ENV)
-    return time.monotonic() - start
 
 
 def fio_iops(uri):
@@ -135,31 +123,11 @@ class Bench(object):
                 self.qemu_nbd("-f", "raw", "--cache=writeback",
                               self.path("write-qemu.raw"))]
 
-    def rate(self, workload, uri):
-        """MiB/s of one run (IOPS for randread)."""
-        if workload == "randread":
-            return fio_iops(uri)
-        if workload in ("write", "sparse-write"):
-            command = ["nbdcopy", self.raw, uri]
-        else:
-            command = ["nbdcopy", uri, "null:"]
-        return self.size / timed(command)
-
     def run(self, workload, runs):
         servers = self.servers(workload)
-        try:
-            rates = dict((s.name, []) for s in servers)
-            if workload != "randread":
-                for s in servers:
-                    self.rate(workload, s.uri)  # warm up
-            for _ in range(runs):
-                for s in servers:
-                    rates[s.name].append(self.rate(workload, s.uri))
-        finally:
-            for s in servers:
-                s.stop()
-        return dict((name, statistics.median(r))
-                    for name, r in rates.items())
+        if workload == "randread":
+            return interleaved_rates(servers, fio_iops, runs, warm_up=False)
+        return copy_rates(servers, workload, self.raw, self.size, runs)
 
 
 def report(workload, rates):

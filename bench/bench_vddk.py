@@ -31,13 +31,10 @@ vddktool vddk is faster).
 import argparse
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
-from common import CLIENT_ENV, MiB, ROOT, Served, make_source
+from common import MiB, ROOT, Served, copy_rates, make_source
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from fake_vddk.build import build  # noqa: E402
@@ -55,12 +52,6 @@ def flat_descriptor(path, extent, size):
                 'parentCID=ffffffff\ncreateType="monolithicFlat"\n\n'
                 'RW %d FLAT "%s" 0\n\nddb.adapterType = "lsilogic"\n'
                 % (size // 512, os.path.basename(extent)))
-
-
-def timed(argv):
-    start = time.monotonic()
-    subprocess.check_call(argv, env=CLIENT_ENV)
-    return time.monotonic() - start
 
 
 class Bench(object):
@@ -119,28 +110,16 @@ class Bench(object):
                               sock] + mode + ["file=" + vmdk], sock))
         return served
 
-    def command(self, workload, uri):
-        if workload.startswith("write"):
-            return ["nbdcopy", self.source, uri]
-        return ["nbdcopy", uri, "null:"]
-
     def run(self, workload, runs):
-        servers = self.servers(workload)
+        """[(server name, median seconds)], vddktool vddk first."""
         try:
-            times = dict((s.name, []) for s in servers)
-            for s in servers:
-                timed(self.command(workload, s.uri))  # warm up
-            for _ in range(runs):
-                for s in servers:
-                    times[s.name].append(timed(self.command(workload,
-                                                            s.uri)))
+            rates = copy_rates(self.servers(workload), workload,
+                               self.source, self.size, runs)
         finally:
-            for s in servers:
-                s.stop()
             for name in os.listdir(self.work):
                 if name.endswith(workload + ".raw"):
                     os.unlink(self.path(name))
-        return [(name, statistics.median(t)) for name, t in times.items()]
+        return [(name, self.size / rate) for name, rate in rates.items()]
 
 
 def report(workload, size, medians):

@@ -1,8 +1,9 @@
 """What the benchmarks share: paths, the client environment, test data,
-and a server process on a Unix socket."""
+a server process on a Unix socket, and interleaved timed runs."""
 
 import os
 import signal
+import statistics
 import subprocess
 import time
 
@@ -26,6 +27,52 @@ def make_source(path, size_mib, sparse=False):
             else:
                 f.write(chunk[i:] + chunk[:i])
         f.truncate(size_mib * MiB)
+
+
+def preallocate(path, size_mib):
+    with open(path, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, size_mib * MiB)
+
+
+def timed(argv):
+    start = time.monotonic()
+    subprocess.check_call(argv, env=CLIENT_ENV)
+    return time.monotonic() - start
+
+
+def nbdcopy(workload, source, uri):
+    """A write workload copies ``source`` into the server; anything else
+    reads the server's disk and throws it away."""
+    if "write" in workload:
+        return ["nbdcopy", source, uri]
+    return ["nbdcopy", uri, "null:"]
+
+
+def interleaved_rates(servers, measure, runs, warm_up=True):
+    """{name: median of ``runs`` values of measure(uri)}, measuring each
+    server in turn (A, B, C, A, B, C..., so a noisy neighbour hurts all
+    alike), after one warm-up run each.  Every server is stopped at the
+    end, even on failure."""
+    try:
+        rates = dict((s.name, []) for s in servers)
+        if warm_up:
+            for s in servers:
+                measure(s.uri)
+        for _ in range(runs):
+            for s in servers:
+                rates[s.name].append(measure(s.uri))
+    finally:
+        for s in servers:
+            s.stop()
+    return dict((name, statistics.median(r)) for name, r in rates.items())
+
+
+def copy_rates(servers, workload, source, size_mib, runs):
+    """MiB/s by server name: nbdcopy's median over ``runs`` interleaved
+    runs (see interleaved_rates)."""
+    return interleaved_rates(
+        servers,
+        lambda uri: size_mib / timed(nbdcopy(workload, source, uri)), runs)
 
 
 def convert(source, target, subformat):

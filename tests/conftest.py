@@ -16,6 +16,8 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tests share tools/nbdclient.py with the fuzz and load tools.
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 # Client tools run with Debian's /usr/bin ahead of pyenv's shims.
 CLIENT_ENV = dict(os.environ)
@@ -160,3 +162,45 @@ def need(tool):
     path = shutil.which(tool, path=CLIENT_ENV["PATH"])
     assert path, "%s is not installed (run .ci/run or see README)" % tool
     return path
+
+
+def threads_and_descriptors(pid):
+    """How many threads and open descriptors a process has now."""
+    return (len(os.listdir("/proc/%d/task" % pid)),
+            len(os.listdir("/proc/%d/fd" % pid)))
+
+
+# An idle server's threads: the main one, and the handshake limit's
+# (there from the first client on).
+IDLE_THREADS = 2
+
+
+def idle_counts(server, context=None):
+    """Threads and descriptors of an idle server, after one whole
+    connection (TLS with an ssl context)."""
+    from nbdclient import NbdClient
+    client = NbdClient.unix(server.sock)
+    client.greet()
+    if context is not None:
+        client.starttls(context)
+    client.go()
+    client.disconnect()
+    assert client.at_eof()
+    client.close()
+    pid = server.proc.pid
+    deadline = time.time() + 30
+    while threads_and_descriptors(pid)[0] != IDLE_THREADS:
+        assert time.time() < deadline, threads_and_descriptors(pid)
+        time.sleep(0.05)
+    return threads_and_descriptors(pid)
+
+
+def settles_at(pid, expected, timeout=30):
+    """Wait until the process has ``expected`` (threads, descriptors);
+    returns what it has at the end (equal unless the wait ran out)."""
+    deadline = time.time() + timeout
+    while True:
+        now = threads_and_descriptors(pid)
+        if now == expected or time.time() > deadline:
+            return now
+        time.sleep(0.05)

@@ -118,12 +118,6 @@ def test_bad_log_destination():
     assert "--log: 'files' is not one of" in fails("--log=files", "/x")
 
 
-@pytest.mark.parametrize("mode", ["on", "require"])
-def test_tls_other_than_off_is_refused(mode):
-    assert fails("--tls=" + mode, "/x").startswith(
-        "vddktool: --tls=%s: TLS is not supported" % mode)
-
-
 def test_unknown_tls_mode():
     assert fails("--tls=maybe", "/x").startswith("vddktool: --tls: ")
 

@@ -109,10 +109,12 @@ def describe(event):
     return "%s%r" % (type(event).__name__, tuple(fields))
 
 
-def negotiate(pieces, tls="off"):
+def negotiate(pieces, tls="off", upgrade=False):
     """Run the server's side against a client sending ``pieces``, as
-    server.py does: answers the default export, lists one export, refuses
-    TLS.  Returns (bytes sent, decisions asked for, bytes left over)."""
+    server.py does: answers the default export, lists one export, and
+    refuses TLS, or with ``upgrade`` accepts it (the rest of the stream
+    then stands for what TLS decrypts).  Returns (bytes sent, decisions
+    asked for, bytes left over)."""
     handshake = nbd.Handshake(tls)
     sent = [handshake.greeting()]
     decisions = []
@@ -134,6 +136,15 @@ def negotiate(pieces, tls="off"):
                 EXPORT if event.name == "" else None)
         elif isinstance(event, nbd.ListRequest):
             outcome = handshake.answer_list([("", "the disk")])
+        elif upgrade:
+            assert isinstance(event, nbd.TlsRequest)
+            outcome = handshake.accept_tls()
+            sent.append(handshake.data_to_send())
+            early = handshake.trailing_data
+            handshake.tls_started()
+            decisions.append("TLS")
+            if early:
+                pieces.insert(0, early)
         else:
             assert isinstance(event, nbd.TlsRequest)
             outcome = handshake.refuse_tls()
@@ -145,18 +156,33 @@ def negotiate(pieces, tls="off"):
             return b"".join(sent), decisions, left
 
 
-def negotiate_or_protocol_error(pieces, tls="off"):
+def negotiate_or_protocol_error(pieces, tls="off", upgrade=False):
     try:
-        return negotiate(pieces, tls)
+        return negotiate(pieces, tls, upgrade)
     except nbd.ProtocolError as exc:
         return "ProtocolError: %s" % exc
 
 
 @given(client_streams(), st.lists(st.integers(0, 1 << 16), max_size=12),
-       st.sampled_from(["off", "on", "require"]))
-def test_handshake_never_raises_and_cuts_change_nothing(stream, points, tls):
-    whole = negotiate_or_protocol_error([stream], tls)
-    assert negotiate_or_protocol_error(cut(stream, points), tls) == whole
+       st.sampled_from(["off", "on", "require"]), st.booleans())
+def test_handshake_never_raises_and_cuts_change_nothing(stream, points, tls,
+                                                        upgrade):
+    whole = negotiate_or_protocol_error([stream], tls, upgrade)
+    assert negotiate_or_protocol_error(cut(stream, points), tls,
+                                       upgrade) == whole
+
+
+@given(client_streams(), st.booleans())
+def test_required_tls_asks_about_no_export_before_the_upgrade(stream,
+                                                             upgrade):
+    result = negotiate_or_protocol_error([stream], "require", upgrade)
+    if isinstance(result, str):
+        return
+    decisions = result[1]
+    before = decisions[:decisions.index("TLS")] if "TLS" in decisions \
+        else decisions
+    assert not [d for d in before
+                if d.startswith(("ExportRequest", "ListRequest", "Ready"))]
 
 
 @given(client_streams())

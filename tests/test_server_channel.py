@@ -166,3 +166,15 @@ def test_end_of_stream_inside_a_buffered_read():
             memoryview(bytearray(28)))
     finally:
         right.close()
+
+
+def test_every_channel_keeps_the_whole_contract():
+    """The dispatchers call these on whatever channel a connection has;
+    one missing on one kind of channel fails only its clients."""
+    from vddktool.server.tls_channel import TlsChannel
+    contract = ("read_into", "buffered", "send", "stop_reading", "abort",
+                "close", "zero_copy", "is_tls")
+    for channel in (SocketChannel, PipeChannel, TlsChannel):
+        missing = [name for name in contract
+                   if not hasattr(channel, name)]
+        assert not missing, (channel.__name__, missing)

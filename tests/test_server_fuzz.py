@@ -6,6 +6,7 @@ a traceback in its log."""
 import os
 import random
 import struct
+import sys
 import threading
 
 import pytest
@@ -149,3 +150,23 @@ def test_random_requests_get_one_well_formed_reply_each(
     run(["qemu-img", "info", "-f", "raw", server.qemu_uri])
     log_text = server.log()
     assert "Traceback" not in log_text and "internal error" not in log_text
+
+
+# ---------------------------------------------------------------------------
+# short runs of tools/fuzz.py (the long run: python3 tools/fuzz.py)
+
+
+def test_protocol_module_fuzz_finds_nothing():
+    from fuzz import fuzz_protocol
+    findings = fuzz_protocol(3000, seed=11)
+    assert findings.sessions > 500
+    assert findings.clean, findings.problems
+
+
+def test_live_server_fuzz_with_tls_finds_nothing(tmp_path):
+    need("openssl")
+    from fuzz_server import fuzz_server
+    findings = fuzz_server(3000, seed=12, work=str(tmp_path),
+                           python=sys.executable, workers=3)
+    assert findings.sessions > 50
+    assert findings.clean, findings.problems

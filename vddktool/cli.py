@@ -17,7 +17,7 @@ import sys
 import threading
 import traceback
 
-from . import __version__, filters, lifecycle, log, params
+from . import __version__, exposure, filters, lifecycle, log, params
 from .backends import choose_backend
 from .engine import EngineError, UsageError
 from .usage import PLUGIN_WORD, dump_plugin_lines, help_text
@@ -36,15 +36,13 @@ LONG_OPTIONS = [
     "exit-with-parent", "filter=", "foreground", "no-fork", "help",
     "ipaddr=", "ip-addr=", "log=", "newstyle", "oldstyle", "pidfile=",
     "pid-file=", "port=", "readonly", "read-only", "run=", "single",
-    "stdin", "threads=", "thumbprint=", "tls=", "tls-certificates=",
-    "tls-verify-peer", "unix=", "verbose", "version",
-]
+    "stdin", "threads=", "thumbprint=", "unix=", "verbose", "version",
+] + exposure.LONG_OPTIONS
 
 # Set once the process has forked into the background: from then on
 # errors can only reach the log, never the terminal.
 _daemonized = False
 
-TLS_MODES = ("off", "on", "require")
 LOG_DESTINATIONS = ("stderr", "syslog", "null")
 
 # A KEY=VALUE word has a key like these; anything else with '=' in it (a
@@ -75,9 +73,7 @@ class Options(object):
         self.dump_plugin = False
         self.thumbprint_of = None       # --thumbprint HOST[:PORT]
         self.filters = []               # names, nearest the client first
-        self.tls = "off"
-        self.tls_certificates = None
-        self.tls_verify_peer = False
+        self.exposure = exposure.ExposureOptions()
         self.values = params.defaults()
         self.given = []                 # parameter names, in order given
         self.repeated = []              # names given more than once
@@ -158,12 +154,8 @@ def _apply_option(options, option, value):
     elif option == "--filter":
         filters.filter_class(value)     # refuses an unknown name now
         options.filters.append(value)
-    elif option == "--tls":
-        options.tls = parse_tls(value)
-    elif option == "--tls-certificates":
-        options.tls_certificates = value
-    elif option == "--tls-verify-peer":
-        options.tls_verify_peer = True
+    elif exposure.apply_option(options.exposure, option, value):
+        pass
     elif option in ("-n", "--newstyle"):
         pass    # the only protocol there is
     elif option in ("-o", "--oldstyle"):
@@ -241,15 +233,6 @@ def parse_debug_flag(option, value):
                 pass
     raise UsageError("%s: %r is not NAME.FLAG=N (for example %s "
                      "vddk.stats=1)" % (option, value, option))
-
-
-def parse_tls(value):
-    _choice("--tls", value, TLS_MODES)
-    if value != "off":
-        raise UsageError("--tls=%s: TLS is not supported yet (use --tls=off, "
-                         "and reach the server over a Unix socket or a "
-                         "trusted network)" % value)
-    return value
 
 
 def _apply_parameter(options, word):
@@ -365,6 +348,7 @@ def _fail(message):
 def run_server(options):
     activated = lifecycle.activated_fds()
     check_options(options, activated)
+    serving = exposure.server_settings(options.exposure)
     params.check_disk(options.values)
 
     backend = filters.build_stack(options.filters,
@@ -381,7 +365,7 @@ def run_server(options):
             lifecycle.forget_activation()
         listeners = open_listeners(options, activated)
         try:
-            return _serve(options, backend, listeners)
+            return _serve(options, backend, listeners, serving)
         finally:
             if listeners:
                 listeners.close()
@@ -407,7 +391,7 @@ def should_daemonize(options, listeners):
                 or (listeners is not None and listeners.activated))
 
 
-def _serve(options, backend, listeners):
+def _serve(options, backend, listeners, serving):
     from .server import Server, ServerSettings
     from .vddk.reexec import caller_environment
 
@@ -418,7 +402,7 @@ def _serve(options, backend, listeners):
 
     settings = ServerSettings(readonly=options.readonly,
                               export_name=options.export_name,
-                              threads=options.threads, tls=options.tls)
+                              threads=options.threads, **serving)
     stopper = Stopper()
     lifecycle.install_signal_handlers(stopper.stop)
     if options.exit_with_parent:
@@ -439,7 +423,7 @@ def _serve(options, backend, listeners):
                 command = lifecycle.CaptiveCommand(
                     options.run_command,
                     lifecycle.run_environment(listeners, options.export_name,
-                                              options.tls,
+                                              serving["tls"],
                                               base=caller_environment()),
                     stopper.stop)
                 command.start()

@@ -236,18 +236,21 @@ def listen_tcp(ipaddr, port):
 # the --run command
 
 
-def nbd_uri(listeners, export_name):
-    """The NBD URI a client uses to reach these listeners."""
+def nbd_uri(listeners, export_name, tls="off"):
+    """The NBD URI a client uses to reach these listeners (nbds: when TLS
+    is required, as nbdkit does)."""
     path = quote(export_name, safe="")
+    scheme = "nbds" if tls == "require" else "nbd"
     if listeners.unix_path:
-        return "nbd+unix:///%s?socket=%s" % (path, quote(listeners.unix_path,
-                                                         safe="/"))
+        return "%s+unix:///%s?socket=%s" % (
+            scheme, path, quote(listeners.unix_path, safe="/"))
     host = listeners.ipaddr or "localhost"
     if ":" in host:
         host = "[%s]" % host
     if listeners.port != DEFAULT_PORT:
         host = "%s:%d" % (host, listeners.port)
-    return "nbd://%s/%s" % (host, path) if path else "nbd://%s" % host
+    return "%s://%s/%s" % (scheme, host, path) if path \
+        else "%s://%s" % (scheme, host)
 
 
 # $tls for each --tls mode.  nbdkit leaves it unset when TLS is off; an
@@ -257,7 +260,7 @@ TLS_ENV = {"off": "0", "on": "1", "require": "2"}
 
 def run_environment(listeners, export_name, tls, base=None):
     env = dict(os.environ if base is None else base)
-    uri = nbd_uri(listeners, export_name)
+    uri = nbd_uri(listeners, export_name, tls)
     env["uri"] = uri
     env["nbd"] = uri
     env["port"] = str(listeners.port) if listeners.port else ""

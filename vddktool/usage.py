@@ -8,7 +8,7 @@ equivalent plugin, plus the VDDK engine's own facts.
 import os
 import sys
 
-from . import __version__, filters, log, params
+from . import __version__, exposure, filters, log, params
 from .backends import backend_class
 
 # The plugin name nbdkit command lines put before the parameters.
@@ -31,7 +31,6 @@ Options:
   -v, --verbose         print debug messages
   -D, --debug NAME.FLAG=N  set a debug flag
   --log=stderr|syslog|null  where messages go
-  --tls=off             TLS (only off for now)
   --filter=NAME         insert a filter (see Filters below; the first
                         --filter is nearest the client)
   --dump-plugin         print facts about the engines and exit
@@ -59,7 +58,7 @@ def help_text():
         "",
         "Serve a VMware virtual disk over NBD, like nbdkit's VDDK plugin.",
         "",
-        HELP_OPTIONS,
+        HELP_OPTIONS + exposure.HELP_OPTIONS,
         "Parameters:",
     ]
     lines.extend(_parameter_lines(

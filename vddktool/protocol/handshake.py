@@ -8,7 +8,8 @@ unit test or a fuzzer.
 """
 
 from ..engine import CACHE_NONE, FUA_NONE, MAX_REQUEST_SIZE
-from .wire import (CLIENT_FLAGS, CLIENT_FLAG_NO_ZEROES, EXPORT_NAME_PADDING,
+from .wire import (CLIENT_FLAGS, CLIENT_FLAG_FIXED_NEWSTYLE,
+                   CLIENT_FLAG_NO_ZEROES, EXPORT_NAME_PADDING,
                    EXPORT_NAME_REPLY, GREETING, IHAVEOPT, INFO_BLOCK_SIZE,
                    INFO_BLOCK_SIZE_PAYLOAD, INFO_DESCRIPTION, INFO_EXPORT,
                    INFO_EXPORT_PAYLOAD, INFO_NAME, KNOWN_CLIENT_FLAGS,
@@ -254,8 +255,9 @@ class ListRequest(object):
 
 class TlsRequest(object):
     """NBD_OPT_STARTTLS with TLS enabled.  The server either upgrades the
-    connection (``Handshake.tls_started()`` after sending the queued ACK)
-    or declines (``Handshake.refuse_tls()``)."""
+    connection (``Handshake.accept_tls()``, send the queued ACK, run the
+    TLS handshake, then ``Handshake.tls_started()``) or declines
+    (``Handshake.refuse_tls()``)."""
 
     __slots__ = ()
 
@@ -290,6 +292,7 @@ _OPTION_PAYLOAD = "option-payload"
 _AWAITING_EXPORT = "awaiting-export"
 _AWAITING_LIST = "awaiting-list"
 _AWAITING_TLS = "awaiting-tls"
+_STARTING_TLS = "starting-tls"
 _DONE = "done"
 
 
@@ -305,8 +308,14 @@ class Handshake(object):
     """
 
     def __init__(self, tls="off"):
+        if tls not in ("off", "on", "require"):
+            raise ValueError("tls must be off, on or require, not %r" % tls)
         self.tls = tls
         self.tls_active = False
+        # The spec allows TLS only after both sides agreed on fixed
+        # newstyle: for any other client the server acts as if TLS were
+        # off (decided once the client's flags are in).
+        self._tls_offered = tls != "off"
         self.no_zeroes = False
         self.structured = False
         self.meta_contexts = {}
@@ -326,6 +335,9 @@ class Handshake(object):
     def receive_data(self, data):
         if self._state == _DONE:
             raise ProtocolError("negotiation is over")
+        if self._state == _STARTING_TLS:
+            # These bytes belong to the TLS handshake, not to NBD.
+            raise ProtocolError("the TLS handshake has not finished")
         self._inbuf += data
 
     def data_to_send(self):
@@ -367,6 +379,8 @@ class Handshake(object):
             return self._read_option_payload()
         if self._state in (_AWAITING_EXPORT, _AWAITING_LIST, _AWAITING_TLS):
             return self._pending
+        if self._state == _STARTING_TLS:
+            raise ProtocolError("the TLS handshake has not finished")
         raise ProtocolError("negotiation is over")
 
     def _read_client_flags(self):
@@ -376,7 +390,13 @@ class Handshake(object):
         if flags & ~KNOWN_CLIENT_FLAGS:
             return self._close("unknown client flags 0x%x" % flags)
         # A plain newstyle client (no FIXED_NEWSTYLE bit) is served too,
-        # as nbdkit does: all it can send is EXPORT_NAME.
+        # as nbdkit does: all it can send is EXPORT_NAME.  It cannot use
+        # TLS, so where TLS is required it cannot be served at all.
+        if not flags & CLIENT_FLAG_FIXED_NEWSTYLE:
+            if self.tls == "require":
+                return self._close("TLS is required and the client does "
+                                   "not speak fixed newstyle")
+            self._tls_offered = False
         self.no_zeroes = bool(flags & CLIENT_FLAG_NO_ZEROES)
         self._state = _OPTION_HEADER
         return self._read_option_header()
@@ -452,7 +472,7 @@ class Handshake(object):
         if payload:
             self._error(REP_ERR_INVALID, "STARTTLS takes no data")
             return None
-        if self.tls == "off":
+        if not self._tls_offered:
             self._error(REP_ERR_POLICY, "TLS is not enabled on this server")
             return None
         if self.tls_active:
@@ -568,16 +588,23 @@ class Handshake(object):
         self._send(option_error(OPT_STARTTLS, REP_ERR_POLICY, message))
 
     def accept_tls(self):
-        """Queue the ACK; after sending it the caller wraps the connection
-        and calls ``tls_started()``."""
+        """Queue the ACK.  After sending it the caller runs the TLS
+        handshake over the connection, starting with ``trailing_data``
+        (bytes the client sent past STARTTLS belong to TLS), then calls
+        ``tls_started()``; meanwhile the machine takes no data."""
         self._expect(_AWAITING_TLS)
+        self._state = _STARTING_TLS
         self._send(option_reply(OPT_STARTTLS, REP_ACK))
 
     def tls_started(self):
+        """The TLS handshake succeeded: negotiation resumes, encrypted."""
+        if self._state != _STARTING_TLS:
+            raise ProtocolError("no TLS upgrade is pending (state %s)"
+                                % self._state)
+        self._state = _OPTION_HEADER
         # The spec: nothing negotiated in the clear survives the upgrade.
         self.tls_active = True
         self.structured = False
         self.meta_contexts = {}
         self._meta_export = None
-        if self._inbuf:
-            raise ProtocolError("client sent data before the TLS handshake")
+        del self._inbuf[:]

@@ -7,7 +7,9 @@ server/ is:
   engines that answer at once, a window of submitted requests for those
   that complete later).
 * ``commands``: requests run on the engine, replies built.
-* ``channels``: how bytes move (sockets, pipes).
+* ``channels``: how bytes move (sockets, pipes); ``tls_channel``: the
+  same, encrypted, after STARTTLS.
+* ``limits``: the handshake limit's watchdog.
 """
 
 from .listener import Server, ServerSettings  # noqa: F401

@@ -7,8 +7,10 @@ passing through Python.  ``stop_reading`` wakes a blocked reader (it sees
 end of stream), ``abort`` also fails a blocked send, ``close`` ends it.
 
 SocketChannel serves accepted sockets (and stdin when it is one),
-PipeChannel a pair of pipes (-s).  TLS adds a channel of its own: it must
-keep zero_copy false, since sendfile would bypass the encryption.
+PipeChannel a pair of pipes (-s).  Both also move raw bytes for the TLS
+channel layered on them (tls_channel.py): ``recv_some`` (bytes read ahead
+first: after STARTTLS they are the start of the TLS handshake),
+``send_raw`` and ``send_if_room`` (never blocks: for TLS's goodbye).
 """
 
 import errno
@@ -16,6 +18,7 @@ import os
 import select
 import socket
 import stat
+import threading
 
 from ..engine import FileRange
 
@@ -93,6 +96,26 @@ class SocketChannel(object):
         if self._end - start >= count:
             return self._buffer[start:start + count]
         return None
+
+    def recv_some(self, view):
+        """Up to len(view) bytes, those read ahead first; 0 at end of
+        stream."""
+        buffered = self._end - self._start
+        if buffered:
+            count = min(buffered, len(view))
+            view[:count] = self._buffer[self._start:self._start + count]
+            self._start += count
+            return count
+        return self._recv_into(view)
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def send_if_room(self, data):
+        try:
+            self.sock.send(data, socket.MSG_DONTWAIT)
+        except OSError:
+            pass
 
     def _recv_all(self, view):
         wanted = len(view)
@@ -177,7 +200,8 @@ class SocketChannel(object):
 class PipeChannel(object):
     """A pair of file descriptors that are not one socket (-s with
     pipes).  A pipe read cannot be interrupted from another thread, so
-    every read first waits for data or the stop pipe."""
+    every read first waits for data, the server's stop pipe or the
+    channel's own (``stop_reading``)."""
 
     # sendfile(2) needs a socket here (pipes take splice): read instead.
     zero_copy = False
@@ -187,6 +211,11 @@ class PipeChannel(object):
         self.read_fd = read_fd
         self.write_fd = write_fd
         self.stop_fd = stop_fd
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_write, False)
+        # stop_reading may come from another thread as close runs: never
+        # write to a descriptor number that may have been reused.
+        self._wake_lock = threading.Lock()
 
     def buffered(self, count):
         return None  # no read-ahead on pipes
@@ -194,14 +223,29 @@ class PipeChannel(object):
     def read_into(self, view):
         got, wanted = 0, len(view)
         while got < wanted:
-            ready, _, _ = select.select([self.read_fd, self.stop_fd], [], [])
-            if self.stop_fd in ready:
-                return False
-            n = os.readv(self.read_fd, [view[got:]])
+            n = self.recv_some(view[got:])
             if n == 0:
                 return False
             got += n
         return True
+
+    def recv_some(self, view):
+        ready, _, _ = select.select(
+            [self.read_fd, self.stop_fd, self._wake_read], [], [])
+        if self.stop_fd in ready or self._wake_read in ready:
+            return 0
+        return os.readv(self.read_fd, [view])
+
+    def send_raw(self, data):
+        self.send([data])
+
+    def send_if_room(self, data):
+        try:
+            _, ready, _ = select.select([], [self.write_fd], [], 0)
+            if ready:
+                os.write(self.write_fd, data)
+        except OSError:
+            pass
 
     def send(self, buffers):
         views = [memoryview(b).cast("B") for b in buffers if len(b)]
@@ -214,13 +258,24 @@ class PipeChannel(object):
                 views[0] = views[0][sent:]
 
     def stop_reading(self):
-        pass  # the stop pipe wakes read_into
+        with self._wake_lock:
+            if self._wake_write >= 0:
+                try:
+                    os.write(self._wake_write, b"!")
+                except OSError:
+                    pass  # already woken
 
     def abort(self):
-        pass  # a write to a pipe cannot be cut short
+        # A write to a pipe cannot be cut short; a read can.
+        self.stop_reading()
 
     def close(self):
-        pass  # stdin/stdout belong to the process
+        # stdin/stdout belong to the process; only the wake pipe is ours.
+        with self._wake_lock:
+            if self._wake_write >= 0:
+                os.close(self._wake_read)
+                os.close(self._wake_write)
+                self._wake_read = self._wake_write = -1
 
 
 def enlarge_send_buffer(sock):

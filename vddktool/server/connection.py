@@ -10,6 +10,7 @@ from ..engine import MAX_REQUEST_SIZE, PARALLEL, EngineError, SerializedEngine
 from .channels import FileSendError
 from .commands import SMALL_FILE_RANGE, Commands, WriteBuffers
 from .dispatch import AsyncWindow, LeaderFollowers
+from .limits import NegotiationExpired
 
 # How long one request may run before another thread takes over reading
 # the next ones (see LeaderFollowers).
@@ -80,7 +81,8 @@ class Connection(object):
             ready, engine = self._negotiate()
             if ready is not None:
                 self._transmit(ready, engine)
-        except (OSError, nbd.ProtocolError, Disconnect) as exc:
+        except (OSError, nbd.ProtocolError, Disconnect,
+                NegotiationExpired) as exc:
             if self.debugging:
                 log.debug("%s: connection ends: %s", self.peer, exc)
         except EngineError as exc:
@@ -95,7 +97,35 @@ class Connection(object):
 
     # -- negotiation --
     def _negotiate(self):
-        """Run the handshake.  Returns (Ready, engine) or (None, None)."""
+        """Run the handshake, within the handshake limit.  Returns
+        (Ready, engine) or (None, None)."""
+        ready, engine = None, None
+        try:
+            with self.server.watchdog.watch(self) as timer:
+                ready, engine = self._haggle(timer)
+        except NegotiationExpired:
+            if engine is not None:
+                self._close_engine(engine)
+            raise
+        return ready, engine
+
+    def negotiation_expired(self, report):
+        """The watchdog's call, from its thread: cut the channel, which
+        ends any read or send the connection's thread is blocked in.
+        ``report``: None to stay quiet, else how many others were cut
+        without a word since the last message."""
+        if report is not None:
+            log.warning("%s: still negotiating after %g seconds (see "
+                        "--handshake-limit): disconnecting%s", self.peer,
+                        self.settings.handshake_limit,
+                        " (and %d other clients since the last such "
+                        "message)" % report if report else "")
+        self.channel.abort()
+
+    def _haggle(self, timer):
+        """The options, one by one, until an export is chosen.  Only the
+        client's time counts against the limit: ``timer`` is paused while
+        the backend works (a remote disk may take long to open)."""
         handshake = nbd.Handshake(self.settings.tls)
         self.channel.send([handshake.greeting()])
         while True:
@@ -107,12 +137,13 @@ class Connection(object):
                     return None, None
                 handshake.receive_data(data)
             elif isinstance(event, nbd.ExportRequest):
-                result, engine = self._answer_export(handshake, event)
+                result, engine = self._answer_export(handshake, event, timer)
                 if isinstance(result, nbd.Ready):
                     return result, engine
             elif isinstance(event, nbd.ListRequest):
-                handshake.answer_list(self.backend.list_exports(
-                    self.channel.is_tls))
+                with timer.paused():
+                    exports = self.backend.list_exports(self.channel.is_tls)
+                handshake.answer_list(exports)
             elif isinstance(event, nbd.TlsRequest):
                 self._start_tls(handshake)
             elif isinstance(event, nbd.Closed):
@@ -127,27 +158,43 @@ class Connection(object):
             self.channel.send([out])
 
     def _start_tls(self, handshake):
-        # The seam for TLS: with a certificate configured this becomes
-        # accept_tls(), send the ACK, replace self.channel with a TLS
-        # channel over the same socket (bytes the socket channel read
-        # ahead belong to the TLS handshake), then handshake.tls_started().
-        handshake.refuse_tls("TLS is not implemented in this version")
+        context = self.settings.tls_context
+        if context is None:
+            handshake.refuse_tls("TLS is not configured on this server")
+            return
+        # Imported here: a server without TLS never loads ssl.
+        from .tls_channel import TlsChannel, TlsHandshakeError
+        handshake.accept_tls()
+        self._flush_handshake(handshake)
+        # Bytes the client sent past STARTTLS, and those the socket
+        # channel read ahead, are the start of the TLS handshake.
+        channel = TlsChannel(self.channel, context, handshake.trailing_data)
+        try:
+            channel.handshake()
+        except TlsHandshakeError as exc:
+            log.warning("%s: TLS handshake failed: %s", self.peer, exc)
+            raise Disconnect("TLS handshake failed")
+        self.channel = channel
+        handshake.tls_started()
+        if self.debugging:
+            log.debug("%s: TLS started: %s", self.peer, channel.describe())
 
-    def _answer_export(self, handshake, request):
+    def _answer_export(self, handshake, request, timer):
         if self.debugging:
             log.debug("%s: %s export %r", self.peer,
                       nbd.OPTION_NAMES[request.option], request.name)
         name = request.name or self.settings.export_name
-        engine, message = self._open_engine(name)
-        info = None
-        if engine is not None:
-            try:
-                info = self._describe(engine, name, handshake.structured,
-                                      request.infos)
-            except Exception as exc:
-                log.error("export %r: %s", name, exc)
-                self._close_engine(engine)
-                engine, message = None, "cannot query the export"
+        with timer.paused():
+            engine, message = self._open_engine(name)
+            info = None
+            if engine is not None:
+                try:
+                    info = self._describe(engine, name, handshake.structured,
+                                          request.infos)
+                except Exception as exc:
+                    log.error("export %r: %s", name, exc)
+                    self._close_engine(engine)
+                    engine, message = None, "cannot query the export"
         result = handshake.answer_export(info, message)
         keep = isinstance(result, nbd.Ready)
         try:

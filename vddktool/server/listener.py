@@ -19,22 +19,37 @@ from time import monotonic
 from .. import log
 from .channels import SocketChannel, enlarge_send_buffer, stdio_channel
 from .connection import Connection
+from .limits import HandshakeWatchdog
 
 # How long the main thread may sleep in select().  The kernel may deliver
 # SIGTERM to any thread; Python then runs the handler only when the main
 # thread next runs bytecode, so it must wake now and then to let it.
 _SIGNAL_POLL_SECONDS = 0.5
 
+# When connections are refused for being too many, say so at most this
+# often: a flood must not flood the log too.
+_REFUSAL_LOG_SECONDS = 60.0
+
 
 class ServerSettings(object):
-    """Server-wide options: -r, -e, -t, --tls."""
+    """Server-wide options: -r, -e, -t, --tls and the limits.
+
+    ``tls_context``: the ssl.SSLContext STARTTLS upgrades with (tls.py
+    makes it; without one STARTTLS is refused).  ``handshake_limit``:
+    seconds a client may take to negotiate; ``max_connections``: clients
+    served at once.  0 means no limit (the command line's defaults are in
+    exposure.py)."""
 
     def __init__(self, readonly=False, export_name="", threads=16,
-                 tls="off"):
+                 tls="off", tls_context=None, handshake_limit=0,
+                 max_connections=0):
         self.readonly = readonly
         self.export_name = export_name
         self.threads = max(1, int(threads))
         self.tls = tls
+        self.tls_context = tls_context
+        self.handshake_limit = handshake_limit
+        self.max_connections = max_connections
 
 
 class _ThreadPerConnectionMixIn(object):
@@ -42,6 +57,10 @@ class _ThreadPerConnectionMixIn(object):
     Server so shutdown can wait for them (3.6's mixin forgets them)."""
 
     nbd_server = None
+
+    def verify_request(self, request, client_address):
+        # Refused here, in the accept loop: a refusal costs no thread.
+        return self.nbd_server._admit()
 
     def process_request(self, request, client_address):
         self.nbd_server._spawn(self._serve_one, request, client_address)
@@ -101,6 +120,9 @@ class Server(object):
         self._connections = set()
         self._threads = set()
         self._connection_numbers = itertools.count(1)
+        self.watchdog = HandshakeWatchdog(settings.handshake_limit)
+        self._refused = 0
+        self._refusal_logged = None
 
     def shutdown(self):
         """Stop serving.  Signal-safe: no locks, one non-blocking write."""
@@ -136,6 +158,24 @@ class Server(object):
         thread.start()
         return thread
 
+    def _admit(self):
+        """May one more client connect?  Each connection has one tracked
+        thread (its own), so those are what is counted."""
+        limit = self.settings.max_connections
+        with self._lock:
+            if not limit or len(self._threads) < limit:
+                return True
+            self._refused += 1
+            now = monotonic()
+            if self._refusal_logged is not None and \
+                    now - self._refusal_logged < _REFUSAL_LOG_SECONDS:
+                return False
+            self._refusal_logged = now
+            refused, self._refused = self._refused, 0
+        log.warning("%d clients are connected (the most --max-connections "
+                    "allows): refused %d more", limit, refused)
+        return False
+
     def _next_connection_number(self):
         with self._lock:
             return next(self._connection_numbers)
@@ -150,6 +190,7 @@ class Server(object):
         """Stop reading from every client, let in-flight requests finish,
         and wait for the connection threads."""
         self.stopping = True
+        self.watchdog.stop()
         self._stop_connections()
         grace = self.shutdown_grace
         deadline = monotonic() + grace
