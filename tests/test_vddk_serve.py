@@ -140,7 +140,9 @@ def test_export_wildcard_with_url_encoded_uri(fake_vddk, start_server):
 
 
 @pytest.mark.parametrize("export", ["[datastore2] Fedora/Fedora.vmdk",
-                                    "[datastore1] Other/Other.vmdk", ""])
+                                    "[datastore1] Other/Other.vmdk", "",
+                                    "[datastore1] Fedora/../Other/"
+                                    "Other.vmdk"])
 def test_export_wildcard_refuses_other_names(fake_vddk, start_server,
                                              export):
     fake_vddk.remote_disk("datastore2", "Fedora/Fedora.vmdk")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vddktool.vddk.wildcard import wildcard_matches
+from vddktool.vddk.wildcard import climbs_out, wildcard_matches
 
 MANUAL_WILDCARD = r"\[datastore1\] Fedora/*.vmdk"
 
@@ -49,3 +49,15 @@ def test_unescaped_brackets_are_a_character_class():
 ])
 def test_wildcard_rules(pattern, name, expected):
     assert wildcard_matches(pattern, name) is expected
+
+
+@pytest.mark.parametrize("name,climbs", [
+    ("[datastore1] Fedora/../Other/Other.vmdk", True),
+    ("[datastore1] ../x.vmdk", True),
+    ("[datastore1] Fedora/..", True),
+    ("/data/../etc/shadow", True),
+    ("[datastore1] Fedora/Fedora..vmdk", False),
+    ("[datastore1] Fedora/Fedora.vmdk", False),
+])
+def test_a_dot_dot_component_is_seen(name, climbs):
+    assert climbs_out(name) is climbs

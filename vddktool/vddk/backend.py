@@ -23,7 +23,7 @@ from .reexec import (reexec_if_needed, recover_secrets,
                      restore_caller_environment)
 from .settings import check_settings, explain_open_failure
 from .stats import STATS
-from .wildcard import wildcard_matches
+from .wildcard import climbs_out, wildcard_matches
 
 # The API level we ask InitEx for: the oldest VDDK we support (6.7).
 API_MAJOR, API_MINOR = 6, 7
@@ -149,6 +149,10 @@ class VddkBackend(Backend):
             raise EngineError(errno.ENOENT,
                               "export %r does not match export=%s"
                               % (export_name, wildcard))
+        if climbs_out(export_name):
+            raise EngineError(errno.ENOENT,
+                              "export %r has a '..' component, which "
+                              "export=WILDCARD never serves" % export_name)
         return export_name
 
     def open_flags(self, readonly):

@@ -65,3 +65,10 @@ def compile_wildcard(pattern):
 
 def wildcard_matches(pattern, name):
     return compile_wildcard(pattern).match(name) is not None
+
+
+def climbs_out(name):
+    """Whether a client's export name has a ".." path component: ``*``
+    matches it like any text, so without this check "[ds] vm/*" would
+    open "[ds] vm/../other/other.vmdk" too."""
+    return ".." in re.split(r"[/\\\]\s]+", name)
