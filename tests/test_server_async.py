@@ -296,3 +296,88 @@ print(json.dumps(fast))
     assert sorted(backend.written) == [0, MiB, 2 * MiB]
     assert all(data == bytes(MiB) for data in backend.written.values())
     assert backend.most >= 3
+
+
+class ZerosEngine(Engine):
+    """Answers at once: the leader/followers path."""
+
+    def get_size(self):
+        return SIZE
+
+    def pread(self, count, offset, flags=0):
+        return bytes(count)
+
+
+class ZerosBackend(Backend):
+    def __init__(self):
+        super().__init__({})
+
+    def open(self, export_name, readonly, is_tls=False):
+        return ZerosEngine()
+
+
+def read_one(sock, cookie):
+    sock.sendall(nbd.encode_request(nbd.CMD_READ, cookie, 0, 4096))
+    got = b""
+    while len(got) < 16 + 4096:
+        piece = sock.recv(65536)
+        assert piece, "server hung up"
+        got += piece
+    assert nbd.SIMPLE_REPLY.unpack_from(got) == (
+        nbd.SIMPLE_REPLY_MAGIC, 0, cookie)
+
+
+def test_an_idle_client_costs_one_thread_on_either_path(tmp_path,
+                                                        monkeypatch):
+    from vddktool.server.dispatch import AsyncWindow, LeaderFollowers
+    monkeypatch.setattr(AsyncWindow, "QUIET_SECONDS", 0.2)
+    monkeypatch.setattr(LeaderFollowers, "QUIET_SECONDS", 0.2)
+    for number, backend in enumerate((LaterBackend(), ZerosBackend())):
+        place = tmp_path / str(number)
+        place.mkdir()
+        with serving(backend, place) as uri:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(20)
+            sock.connect(uri.split("socket=", 1)[1])
+            try:
+                handshake(sock)
+                time.sleep(0.1)
+                negotiated = threading.active_count()
+                for cookie in range(8):
+                    read_one(sock, cookie)
+                busy = threading.active_count()
+                deadline = time.monotonic() + 10
+                while threading.active_count() > negotiated and \
+                        time.monotonic() < deadline:
+                    time.sleep(0.05)
+                # The sender or the standby came with the requests and
+                # left once the client was quiet.
+                assert busy > negotiated, type(backend).__name__
+                assert threading.active_count() == negotiated
+                read_one(sock, 99)  # and the connection still serves
+            finally:
+                sock.close()
+
+
+def test_a_corked_reply_is_not_held_behind_an_invalid_request(tmp_path):
+    """Two small reads arrive together, the second out of bounds: the
+    first reply must not wait in the cork while the server answers the
+    second and waits for a third that never comes."""
+    with serving(ZerosBackend(), tmp_path) as uri:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(uri.split("socket=", 1)[1])
+        try:
+            handshake(sock)
+            sock.sendall(nbd.encode_request(nbd.CMD_READ, 1, 0, 4096) +
+                         nbd.encode_request(nbd.CMD_READ, 2, SIZE, 4096))
+            got = b""
+            while len(got) < 2 * 16 + 4096:
+                piece = sock.recv(65536)   # times out if a reply is held
+                assert piece, "server hung up"
+                got += piece
+        finally:
+            sock.close()
+    errors = dict((cookie, error) for magic, error, cookie in (
+        nbd.SIMPLE_REPLY.unpack_from(got, at) for at in (0, 16 + 4096)))
+    assert errors == {1: 0, 2: nbd.NBD_EINVAL}

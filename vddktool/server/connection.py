@@ -288,13 +288,22 @@ class Connection(object):
                 log.error("flush at disconnect: %s", exc)
 
     def small_read_ahead(self):
-        """Whether the next request has already arrived and is a READ of
-        less than SMALL_FILE_RANGE bytes."""
+        """Whether the next request has already arrived and is a valid
+        READ of less than SMALL_FILE_RANGE bytes: reading it cannot block
+        (an invalid one would be answered and the next one awaited, with
+        the corked replies held back)."""
         header = self.channel.buffered(nbd.REQUEST_SIZE)
         if header is None:
             return False
         command, length = nbd.peek_command_and_length(header)
-        return command == nbd.CMD_READ and length < SMALL_FILE_RANGE
+        if command != nbd.CMD_READ or length >= SMALL_FILE_RANGE:
+            return False
+        try:
+            flags, command, _, offset, length = nbd.decode_request(header)
+        except nbd.ProtocolError:
+            return False
+        return not nbd.validate_request(command, flags, offset, length,
+                                        self.limits)
 
     def next_request(self, admit=None):
         """The next valid request, or None when the connection ends.

@@ -53,7 +53,9 @@ class LeaderFollowers(object):
     CORK_BYTES = 256 * 1024
 
     # Once the connection has been quiet this long, the standby stops
-    # napping and sleeps until the leader next starts a request.
+    # napping: a spawned one leaves (an idle client then costs only the
+    # thread blocked reading it), the connection's own thread sleeps
+    # until the leader next starts a request.
     QUIET_SECONDS = 1.0
     # The share of stalls among recent requests (a moving average, each
     # request weighing STALL_WEIGHT) above which the disk counts as slow.
@@ -107,7 +109,7 @@ class LeaderFollowers(object):
     def _serve(self, spawned=False):
         me = threading.current_thread()
         counted = spawned  # _spawn counted it as waiting already
-        while self._follow(me, counted):
+        while self._follow(me, counted, spawned):
             counted = False
             try:
                 self._lead(me)
@@ -194,8 +196,9 @@ class LeaderFollowers(object):
         thread.start()
         return True
 
-    def _follow(self, me, counted):
-        """Wait until this thread should lead; False when serving ends."""
+    def _follow(self, me, counted, may_retire):
+        """Wait until this thread should lead; False when serving ends,
+        or when this spawned thread retires from a quiet connection."""
         with self._lock:
             if not counted:
                 self._waiting += 1
@@ -208,10 +211,15 @@ class LeaderFollowers(object):
                         return True
                     if self._standby is None or self._standby is me:
                         self._standby = me
-                        if self._stand_by():
+                        verdict = self._stand_by(may_retire)
+                        if verdict is _TAKE_OVER:
                             self._standby = None
                             self._leader = me
                             return True
+                        if verdict is _RETIRE:
+                            self._standby = None
+                            self._threads.remove(me)
+                            return False
                         continue
                     self._changed.wait()
                 if self._standby is me:
@@ -220,8 +228,9 @@ class LeaderFollowers(object):
             finally:
                 self._waiting -= 1
 
-    def _stand_by(self):
-        """One nap of the standby; True when it should take over."""
+    def _stand_by(self, may_retire):
+        """One nap of the standby: _TAKE_OVER, _RETIRE, or None to nap
+        again."""
         now = monotonic()
         remaining = 0.0
         if self._busy_since is not None:
@@ -230,19 +239,25 @@ class LeaderFollowers(object):
                 self._busy_since = None
                 self._note(True)
                 self._nap = self._patience
-                return True
+                return _TAKE_OVER
         elif now - self._last_request >= self.QUIET_SECONDS:
+            if may_retire:
+                return _RETIRE
             self._standby_asleep = True
             self._changed.wait()
             self._standby_asleep = False
-            return False
+            return None
         # Each nap wakes a thread, which under the GIL costs the leader
         # too: while nothing stalls, the naps grow (a stall is then seen
         # a little late, and the disk deemed slow from then on).
         self._changed.wait(max(remaining, self._nap))
         self._nap = min(2 * self._nap, self.LONGEST_NAP * self._patience)
-        return False
+        return None
 
+
+# What a standby's nap ends in (see LeaderFollowers._stand_by).
+_TAKE_OVER = "take over"
+_RETIRE = "retire"
 
 
 class AsyncWindow(object):
@@ -258,7 +273,9 @@ class AsyncWindow(object):
     Completions may arrive on any thread (VDDK's own): they only queue
     the request and wake the sender thread, which encodes the replies of
     whatever has completed and sends them in one go, then frees their
-    room in the window.  A completion thread never touches the socket,
+    room in the window.  The sender starts with the first request
+    submitted and leaves once nothing has been in flight for
+    QUIET_SECONDS, so an idle client costs only the thread reading it.  A completion thread never touches the socket,
     so one slow client cannot hold up the library's other callbacks.
 
     Other commands (and long zeroes) run on the reading thread,
@@ -268,6 +285,8 @@ class AsyncWindow(object):
     then on the disk too.  ``send(buffers)`` must be safe to call from two
     threads at once.
     """
+
+    QUIET_SECONDS = 1.0
 
     def __init__(self, read, commands, send, stop, max_requests, max_bytes):
         self._read = read
@@ -283,16 +302,13 @@ class AsyncWindow(object):
         self._requests = 0         # admitted, reply not yet sent
         self._bytes = 0
         self._admitted = None      # admitted, payload still being read
+        self._sender = None        # the sender thread, while there is one
         self._ended = False
         self._failure = None
 
     def run(self):
         """Serve until the end of the stream, then wait for every request
         in flight (buffers the engine writes into must outlive it)."""
-        sender = threading.Thread(target=self._send_completions,
-                                  name="nbd-sender")
-        sender.daemon = True
-        sender.start()
         try:
             self._serve()
         finally:
@@ -301,7 +317,9 @@ class AsyncWindow(object):
                     self._room.wait()
                 self._ended = True
                 self._work.notify()
-            sender.join()
+                sender = self._sender
+            if sender is not None:
+                sender.join()
         if self._failure is not None:
             raise self._failure
 
@@ -332,6 +350,11 @@ class AsyncWindow(object):
                 self._requests += 1
                 self._bytes += size
                 self._admitted = request
+                if self._sender is None:
+                    self._sender = threading.Thread(
+                        target=self._send_completions, name="nbd-sender")
+                    self._sender.daemon = True
+                    self._sender.start()
             elif request.command == nbd.CMD_FLUSH or \
                     request.flags & nbd.CMD_FLAG_FUA:
                 while self._requests:
@@ -350,7 +373,11 @@ class AsyncWindow(object):
         while True:
             with self._lock:
                 while not completed and not self._ended:
-                    self._work.wait()
+                    if not self._work.wait(self.QUIET_SECONDS) and \
+                            not completed and not self._requests:
+                        # Quiet: leave; the next submit starts another.
+                        self._sender = None
+                        return
                 if not completed:
                     return
                 batch = list(completed)
