@@ -523,3 +523,26 @@ def test_unix_socket_appears_only_once_listening(start_server, disk, tmp_path):
     assert not [n for n in names if n.endswith("~")], names
     assert os.path.basename(server.sock) in names
     run(["nbdinfo", "--size", server.uri])
+
+
+def test_sigterm_as_soon_as_the_socket_appears_stops_cleanly(disk,
+                                                             tmp_path):
+    """The handlers are in place before the socket is: a launcher that
+    stops the server the moment it can see it gets a clean exit."""
+    for attempt in range(5):
+        sock = str(tmp_path / ("s%d" % attempt))
+        proc = subprocess.Popen(vddktool_cmd("-f", "-U", sock, disk),
+                                cwd=ROOT, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 20
+            while not os.path.exists(sock):   # no sleep: be as quick
+                assert proc.poll() is None and time.monotonic() < deadline
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0, proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stderr.close()

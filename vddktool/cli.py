@@ -360,12 +360,16 @@ def run_server(options):
     # From here on the backend may hold a created or open disk: whatever
     # fails next (a port in use, an unwritable pidfile), it must be closed
     # cleanly, or a sparse disk is left marked as not shut down.
+    # Before anything listens: a client (or a test) that sees the socket
+    # may stop the server at once, and must find it ready to stop cleanly.
+    stopper = Stopper()
+    lifecycle.install_signal_handlers(stopper.stop)
     try:
         if activated:
             lifecycle.forget_activation()
         listeners = open_listeners(options, activated)
         try:
-            return _serve(options, backend, listeners, serving)
+            return _serve(options, backend, listeners, serving, stopper)
         finally:
             if listeners:
                 listeners.close()
@@ -391,7 +395,7 @@ def should_daemonize(options, listeners):
                 or (listeners is not None and listeners.activated))
 
 
-def _serve(options, backend, listeners, serving):
+def _serve(options, backend, listeners, serving, stopper):
     from .server import Server, ServerSettings
     from .vddk.reexec import caller_environment
 
@@ -403,8 +407,6 @@ def _serve(options, backend, listeners, serving):
     settings = ServerSettings(readonly=options.readonly,
                               export_name=options.export_name,
                               threads=options.threads, **serving)
-    stopper = Stopper()
-    lifecycle.install_signal_handlers(stopper.stop)
     if options.exit_with_parent:
         lifecycle.exit_with_parent(stopper.stop)
 
