@@ -12,7 +12,7 @@ import pytest
 from fake_vddk.fixtures import fake_vddk  # noqa: F401 (a fixture)
 from filter_oracle import nbdsh
 from memory_engine import MemoryBackend
-from vddktool.engine import FLAG_FAST_ZERO, EngineError
+from vddktool.engine import FLAG_FAST_ZERO, SHUTTING_DOWN, EngineError
 from vddktool.filters import retry as retry_filter
 from vddktool.filters.retry import RetryFilter
 
@@ -49,7 +49,8 @@ class Flaky(MemoryBackend):
 @pytest.fixture
 def waits(monkeypatch):
     slept = []
-    monkeypatch.setattr(retry_filter.time, "sleep", slept.append)
+    monkeypatch.setattr(retry_filter, "_pause",
+                        lambda seconds: slept.append(seconds) or False)
     return slept
 
 
@@ -59,6 +60,19 @@ def retrying(backend, **values):
     settings.update((key.replace("_", "-"), value)
                     for key, value in values.items())
     return RetryFilter(backend, settings).open_engine("", False)
+
+
+def test_a_server_shutting_down_ends_the_waits_at_once():
+    engine = retrying(Flaky(read_failures=100), retry_delay=30)
+    SHUTTING_DOWN.set()
+    try:
+        start = time.monotonic()
+        with pytest.raises(EngineError) as caught:
+            engine.pread(512, 0)
+        assert time.monotonic() - start < 5
+        assert caught.value.errno == errno.EIO
+    finally:
+        SHUTTING_DOWN.clear()
 
 
 def test_a_fault_that_clears_costs_one_wait_and_one_reopen(waits):

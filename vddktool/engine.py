@@ -51,6 +51,11 @@ PARALLEL = "parallel"
 THREAD_MODELS = (SERIALIZE_REQUESTS, PARALLEL)
 
 
+# Set once the server begins to shut down: a filter that waits between
+# attempts (retry) stops waiting and gives up.
+SHUTTING_DOWN = threading.Event()
+
+
 def stricter(model, other):
     """The stricter of two thread models."""
     return min(model, other, key=THREAD_MODELS.index)

@@ -14,12 +14,17 @@ must not pull the disk from under a request running beside it.
 """
 
 import errno
-import time
 
 from .. import log
 from ..engine import (FLAG_FAST_ZERO, FLAG_FUA, FUA_NONE, SERIALIZE_REQUESTS,
-                      EngineError, FilterEngine)
+                      SHUTTING_DOWN, EngineError, FilterEngine)
 from .base import FilterBackend
+
+
+def _pause(seconds):
+    """Wait between attempts; True if the server began to stop meanwhile
+    (a SIGTERM must not wait out a minute of back-off)."""
+    return SHUTTING_DOWN.wait(seconds)
 
 
 class RetryEngine(FilterEngine):
@@ -56,7 +61,7 @@ class RetryEngine(FilterEngine):
                 error = exc
             except OSError as exc:
                 error = exc
-            if attempt >= backend.retries:
+            if attempt >= backend.retries or SHUTTING_DOWN.is_set():
                 if backend.retries:
                     log.debug("retry: %s: giving up after %d retries",
                               name, attempt)
@@ -64,7 +69,8 @@ class RetryEngine(FilterEngine):
             attempt += 1
             log.debug("retry: %s failed (%s); retry %d in %g seconds",
                       name, error, attempt, delay)
-            time.sleep(delay)
+            if _pause(delay):
+                raise error     # the server is stopping: no more waits
             if backend.exponential:
                 delay *= 2
             self._reopen()

@@ -17,6 +17,7 @@ import threading
 from time import monotonic
 
 from .. import log
+from ..engine import SHUTTING_DOWN
 from .channels import SocketChannel, enlarge_send_buffer, stdio_channel
 from .connection import Connection
 from .limits import HandshakeWatchdog
@@ -190,6 +191,7 @@ class Server(object):
         """Stop reading from every client, let in-flight requests finish,
         and wait for the connection threads."""
         self.stopping = True
+        SHUTTING_DOWN.set()
         self.watchdog.stop()
         self._stop_connections()
         grace = self.shutdown_grace
