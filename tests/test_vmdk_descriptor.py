@@ -88,3 +88,12 @@ def test_built_descriptor_round_trips():
     assert len(again.cid) == 8 and again.cid != "ffffffff"
     assert again.ddb == {"adaptertype": "buslogic", "virtualhwversion": "4"}
     assert again.extents[0].text() == 'RW 2048 FLAT "a-flat.vmdk" 0'
+
+
+def test_cids_compare_as_numbers_padded_or_not():
+    from vddktool.vmdk.descriptor import same_cid
+    # qemu-img writes e610719 where VMware writes 0e610719.
+    assert same_cid("e610719", "0e610719")
+    assert same_cid("0E610719", "e610719")
+    assert not same_cid("e610719", "e61071a")
+    assert not same_cid("fffffffe", "ffffffff")

@@ -185,6 +185,15 @@ class Descriptor(object):
         return self.text().encode("utf-8")
 
 
+def same_cid(one, other):
+    """CIDs are 32-bit numbers in hex, written with or without leading
+    zeros (VMware pads them to 8 digits, qemu-img does not)."""
+    try:
+        return int(one, 16) == int(other, 16)
+    except ValueError:
+        return one.lower() == other.lower()
+
+
 def new_cid():
     """A random content id; never the values that mean "no parent"."""
     while True:

@@ -17,7 +17,7 @@ import threading
 from .. import log
 from ..engine import EngineError
 from .descriptor import (FLAT_TYPES, MAX_DESCRIPTOR_BYTES, NO_PARENT_CID,
-                         Descriptor, ExtentLine, new_cid)
+                         Descriptor, ExtentLine, new_cid, same_cid)
 from .extent import DATA, UNALLOCATED, ZERO, ExtentReader, VmdkError
 from .flat import SECTOR, FlatExtent, ZeroExtent, file_size, open_file
 from .locks import ImageLocks
@@ -278,7 +278,7 @@ class Disk(object):
                                                          parent_path))
         parent = Disk(parent_path, writable=False, force_share=force_share,
                       _chain=chain)
-        if parent.descriptor.cid.lower() != self.descriptor.parent_cid:
+        if not same_cid(parent.descriptor.cid, self.descriptor.parent_cid):
             parent.close()
             raise VmdkError(
                 "%s: parent %s has CID %s but this link was taken from CID "
