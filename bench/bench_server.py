@@ -26,16 +26,14 @@ and vddktool's ratio to each other server: above 1.0, vddktool is faster.
                                   [--only flat-read,sparse-read,write]
 """
 
-import argparse
 import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 
-from common import (CLIENT_ENV, MiB, Served, convert, copy_rates,
-                    interleaved_rates, make_source, preallocate)
+from common import (CLIENT_ENV, MiB, Served, bench_arguments, convert,
+                    copy_rates, interleaved_rates, make_source, preallocate)
 
 
 WORKLOADS = ("flat-read", "sparse-read", "write", "sparse-write",
@@ -142,21 +140,8 @@ def report(workload, rates):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=1024, help="MiB")
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--python", default=sys.executable,
-                        help="the interpreter that runs vddktool")
-    parser.add_argument("--only", default=",".join(WORKLOADS),
-                        help="comma-separated workloads")
-    parser.add_argument("--dir", default=None,
-                        help="where to put the images (default: a temp dir)")
-    args = parser.parse_args()
-    workloads = args.only.split(",")
-    unknown = set(workloads) - set(WORKLOADS)
-    if unknown:
-        parser.error("unknown workload %s (choose from %s)"
-                     % (", ".join(sorted(unknown)), ", ".join(WORKLOADS)))
+    args, _ = bench_arguments(__doc__, WORKLOADS)
+    workloads = args.only
     work = tempfile.mkdtemp(prefix="bench-server-", dir=args.dir)
     try:
         bench = Bench(work, args.size, args.python)

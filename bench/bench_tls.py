@@ -16,14 +16,13 @@ vddktool is faster).
     python3 bench/bench_tls.py [--size MiB] [--runs N] [--python EXE]
 """
 
-import argparse
 import os
 import shutil
 import sys
 import tempfile
 
-from common import (ROOT, Served, convert, copy_rates, make_source,
-                    preallocate)
+from common import (ROOT, Served, bench_arguments, convert, copy_rates,
+                    make_source, preallocate)
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 from testpki import PKI  # noqa: E402
@@ -94,20 +93,14 @@ def report(workload, rates):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=512, help="MiB")
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--python", default=sys.executable,
-                        help="the interpreter that runs vddktool")
-    parser.add_argument("--only", default=",".join(WORKLOADS))
-    args = parser.parse_args()
-    work = tempfile.mkdtemp(prefix="bench-tls-")
+    args, _ = bench_arguments(__doc__, WORKLOADS, default_size=512)
+    work = tempfile.mkdtemp(prefix="bench-tls-", dir=args.dir)
     try:
         bench = Bench(work, args.size, args.python)
         print("disk: %d MiB, nbdcopy over nbds+unix://, client "
               "certificates, median of %d interleaved runs, vddktool on %s"
               % (args.size, args.runs, args.python))
-        for workload in args.only.split(","):
+        for workload in args.only:
             report(workload, bench.run(workload, args.runs))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -28,13 +28,13 @@ vddktool vddk is faster).
                                 [--nbdkit-vddk PATH] [--only WORKLOADS]
 """
 
-import argparse
 import os
 import shutil
 import sys
 import tempfile
 
-from common import MiB, ROOT, Served, copy_rates, make_source
+from common import (MiB, ROOT, Served, bench_arguments, copy_rates,
+                    make_source)
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from fake_vddk.build import build  # noqa: E402
@@ -134,23 +134,10 @@ def report(workload, size, medians):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=1024, help="MiB")
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--python", default=sys.executable,
-                        help="the interpreter that runs vddktool")
-    parser.add_argument("--nbdkit-vddk", default=None,
-                        help="path of nbdkit-vddk-plugin.so to compare with")
-    parser.add_argument("--only", default=",".join(WORKLOADS),
-                        help="comma-separated workloads")
-    parser.add_argument("--dir", default=None,
-                        help="where to put the disks (default: a temp dir)")
-    args = parser.parse_args()
-    workloads = args.only.split(",")
-    unknown = set(workloads) - set(WORKLOADS)
-    if unknown:
-        parser.error("unknown workload %s (choose from %s)"
-                     % (", ".join(sorted(unknown)), ", ".join(WORKLOADS)))
+    args, parser = bench_arguments(__doc__, WORKLOADS, more=lambda p: (
+        p.add_argument("--nbdkit-vddk", default=None,
+                       help="path of nbdkit-vddk-plugin.so to compare with")))
+    workloads = args.only
     if args.nbdkit_vddk and not os.path.exists(args.nbdkit_vddk):
         parser.error("--nbdkit-vddk: %s does not exist" % args.nbdkit_vddk)
     work = tempfile.mkdtemp(prefix="bench-vddk-", dir=args.dir)

@@ -1,10 +1,12 @@
 """What the benchmarks share: paths, the client environment, test data,
 a server process on a Unix socket, and interleaved timed runs."""
 
+import argparse
 import os
 import signal
 import statistics
 import subprocess
+import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,3 +118,28 @@ class Served(object):
                 self.proc.wait()
         if os.path.exists(self.sock):
             os.unlink(self.sock)
+
+
+def bench_arguments(doc, workloads, default_size=1024, more=None):
+    """The options every benchmark takes (--size, --runs, --python,
+    --only, --dir), plus what ``more(parser)`` adds; --only is checked
+    against ``workloads`` and returned as a list."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--size", type=int, default=default_size,
+                        help="MiB")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter that runs vddktool")
+    parser.add_argument("--only", default=",".join(workloads),
+                        help="comma-separated workloads")
+    parser.add_argument("--dir", default=None,
+                        help="where to put the disks (default: a temp dir)")
+    if more is not None:
+        more(parser)
+    args = parser.parse_args()
+    args.only = args.only.split(",")
+    unknown = set(args.only) - set(workloads)
+    if unknown:
+        parser.error("unknown workload %s (choose from %s)"
+                     % (", ".join(sorted(unknown)), ", ".join(workloads)))
+    return args, parser
