@@ -58,18 +58,22 @@ class Bench(object):
         return served
 
     def servers(self, workload):
-        """(vddktool, nbdkit) pairs, with and without TLS."""
-        flat = self.path("%s.vmdk" % workload)
-        convert(self.raw, flat, "monolithicFlat")
-        extent = self.path("%s-flat.vmdk" % workload)
+        """(vddktool, nbdkit) pairs, with and without TLS.  Each writer
+        gets images of its own (vddktool locks an image it writes)."""
         readonly = ["-r"] if workload == "read" else []
-        if workload == "write":
-            copy = self.path("write-nbdkit.raw")
-            preallocate(copy, self.size)
-            preallocate(extent, self.size)
-            extent = copy
         out = []
         for tls in (True, False):
+            name = workload if readonly else "%s%s" % (
+                workload, "-tls" if tls else "")
+            flat = self.path(name + ".vmdk")
+            extent = self.path(name + "-flat.vmdk")
+            if not os.path.exists(flat):
+                convert(self.raw, flat, "monolithicFlat")
+            if workload == "write":
+                copy = self.path(name + "-nbdkit.raw")
+                preallocate(copy, self.size)
+                preallocate(extent, self.size)
+                extent = copy
             out.append(self.serve("vddktool", [self.python, "-m", "vddktool"],
                                   readonly + ["file=" + flat], tls))
             out.append(self.serve("nbdkit", ["nbdkit"],
