@@ -30,7 +30,8 @@ def test_archive_holds_sources_only(pyz):
     with zipfile.ZipFile(pyz) as z:
         names = z.namelist()
     assert "__main__.py" in names
-    assert "vddktool/cli.py" in names and "vddktool/server/__init__.py" in names
+    assert "vddktool/cli.py" in names
+    assert "vddktool/server/__init__.py" in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     assert not [n for n in names if n.startswith("tests/")]
 

@@ -329,9 +329,9 @@ class _Tally(object):
 _FORWARDED_CALLS = ("get_size", "block_size", "can_write", "can_flush",
                     "can_fua", "can_trim", "can_zero", "can_fast_zero",
                     "can_extents", "can_cache", "can_multi_conn",
-                    "is_rotational", "is_latency_bound", "pwrite", "flush", "trim", "zero",
-                    "extents", "cache", "close", "submit_pread",
-                    "submit_pwrite", "submit_zero")
+                    "is_rotational", "is_latency_bound", "pwrite", "flush",
+                    "trim", "zero", "extents", "cache", "close",
+                    "submit_pread", "submit_pwrite", "submit_zero")
 
 
 class FilterEngine(Engine):

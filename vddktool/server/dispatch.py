@@ -273,17 +273,17 @@ class AsyncWindow(object):
     Completions may arrive on any thread (VDDK's own): they only queue
     the request and wake the sender thread, which encodes the replies of
     whatever has completed and sends them in one go, then frees their
-    room in the window.  The sender starts with the first request
-    submitted and leaves once nothing has been in flight for
-    QUIET_SECONDS, so an idle client costs only the thread reading it.  A completion thread never touches the socket,
-    so one slow client cannot hold up the library's other callbacks.
+    room in the window.  A completion thread never touches the socket,
+    so one slow client cannot hold up the library's other callbacks.  The
+    sender starts with the first request submitted and leaves once
+    nothing has been in flight for QUIET_SECONDS, so an idle client costs
+    only the thread reading it.
 
     Other commands (and long zeroes) run on the reading thread,
-    synchronously, as they come.
-    A FLUSH, or any request with FUA, first waits until every request in
-    flight has been answered: what the client had written before it is
-    then on the disk too.  ``send(buffers)`` must be safe to call from two
-    threads at once.
+    synchronously, as they come.  A FLUSH, or any request with FUA, first
+    waits until every request in flight has been answered: what the
+    client had written before it is then on the disk too.
+    ``send(buffers)`` must be safe to call from two threads at once.
     """
 
     QUIET_SECONDS = 1.0
