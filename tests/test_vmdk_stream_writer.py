@@ -11,9 +11,9 @@ from conftest import need, run
 from vmdk_fixtures import (mapped, random_disk, read_all,
                            stream_grain_sectors)
 from vddktool.vmdk.extent import DATA, UNALLOCATED, VmdkError
-from vddktool.vmdk import stream
-from vddktool.vmdk.stream import (StreamExtent, StreamWriter,
-                                  create_stream_optimized)
+from vddktool.vmdk import stream_writer
+from vddktool.vmdk.stream import StreamExtent
+from vddktool.vmdk.stream_writer import StreamWriter, create_stream_optimized
 
 GRAIN = 64 * 1024
 MIB = 1024 * 1024
@@ -96,14 +96,14 @@ def test_grains_compressed_out_of_order_are_appended_in_order(
     # later, is compressed first.  The file must still hold grain 0 first,
     # and a flush must wait for grain 0.
     release = threading.Event()
-    real_compress = stream._compress_grain
+    real_compress = stream_writer._compress_grain
 
     def slow_for_grain_zero(data):
         if data[:1] == b"\x01":
             assert release.wait(10)
         return real_compress(data)
 
-    monkeypatch.setattr(stream, "_compress_grain", slow_for_grain_zero)
+    monkeypatch.setattr(stream_writer, "_compress_grain", slow_for_grain_zero)
     path = str(tmp_path / "order.vmdk")
     writer = create_stream_optimized(path, MIB, "ide", 4)
     slow = threading.Thread(target=writer.write, args=(0, b"\x01" * GRAIN))

@@ -26,7 +26,7 @@ MAX_SPARSE_SECTORS = (1 << 32) - GRAIN_SECTORS * GTES_PER_GT
 
 # Types another module creates: (module, function).
 FOREIGN_CREATORS = {
-    "stream-optimized": ("stream", "create_stream_optimized"),
+    "stream-optimized": ("stream_writer", "create_stream_optimized"),
     "vmfs-sparse": ("cowd", "create_vmfs_sparse"),
 }
 
