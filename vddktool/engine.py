@@ -239,6 +239,14 @@ class Engine(object):
     def pwrite(self, buf, offset, flags=0):
         raise EngineError(errno.EPERM, "this disk is read-only")
 
+    def write_target(self, count, offset):
+        """``(fd, file_offset)`` when a write of ``count`` bytes at
+        ``offset`` would only copy them into one file there (no
+        allocation, no lock, no other bookkeeping), else None.  The
+        server may then move a payload from the socket into the file
+        itself (splice(2)) instead of calling pwrite."""
+        return None
+
     def flush(self, flags=0):
         pass
 
@@ -443,6 +451,12 @@ class FilterEngine(Engine):
             return [(offset, self.pread(count, offset, flags))]
         return self.next.pread_sparse(count, offset, flags)
 
+    def write_target(self, count, offset):
+        # A filter that sees writes must see every one of them.
+        if _overrides(type(self), "pwrite"):
+            return None
+        return self.next.write_target(count, offset)
+
     def can_submit(self):
         cls = type(self)
         reads = not self._own_reads or _overrides(cls, "submit_pread")
@@ -501,6 +515,10 @@ class EngineAdapter(FilterEngine):
                              expected=True), None)
         else:
             self.next.submit_zero(count, offset, flags, done)
+
+    def write_target(self, count, offset):
+        # Only plain writes (no FUA) are ever moved into a file.
+        return self.next.write_target(count, offset)
 
     def can_submit(self):
         return self.next.can_submit()
@@ -577,6 +595,9 @@ class SerializedEngine(FilterEngine):
             with lock:
                 return method(*args, **kwargs)
         return call
+
+    def write_target(self, count, offset):
+        return None     # a write outside the lock would not be serialized
 
     def can_submit(self):
         return False

@@ -21,6 +21,7 @@ import stat
 import threading
 
 from ..engine import FileRange
+from .splice import FileWriteFailed, Splicer
 
 # Buffers per sendmsg/writev call, well under Linux's IOV_MAX of 1024.
 _MAX_IOVECS = 512
@@ -59,6 +60,7 @@ class SocketChannel(object):
         self._sendmsg = sock.sendmsg
         self._buffer = memoryview(bytearray(self.BUFFER_SIZE))
         self._start = self._end = 0
+        self._splicer = None
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             # Replies are written whole; Nagle would only delay them.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -87,6 +89,41 @@ class SocketChannel(object):
             got += take
             if take < n:
                 self._start, self._end = take, n
+        return True
+
+    def receive_into_file(self, fd, offset, count):
+        """Take the next ``count`` bytes of the stream (a write's payload)
+        straight into file ``fd`` at ``offset`` (splice(2)).  True when
+        done, False at end of stream, None when this socket cannot do it
+        (nothing taken: receive as usual); raises FileWriteFailed when
+        the file failed, the payload taken all the same."""
+        splicer = self._splicer
+        if splicer is None:
+            splicer = self._splicer = Splicer(self.sock.fileno())
+        if not splicer.usable:
+            return None
+        buffered = min(self._end - self._start, count)
+        failure = None
+        if buffered < count:
+            try:
+                moved = splicer.move(fd, offset + buffered, count - buffered)
+            except FileWriteFailed as exc:
+                moved, failure = True, exc
+            if not moved:
+                return moved    # None (unusable) or False (hung up)
+        if buffered:
+            start = self._start
+            self._start = start + buffered
+            if failure is None:
+                view = self._buffer[start:start + buffered]
+                try:
+                    while view:
+                        written = os.pwrite(fd, view, offset)
+                        view, offset = view[written:], offset + written
+                except OSError as exc:
+                    failure = FileWriteFailed(exc.errno)
+        if failure is not None:
+            raise failure
         return True
 
     def buffered(self, count):
@@ -195,6 +232,8 @@ class SocketChannel(object):
         except OSError:
             pass
         self.sock.close()
+        if self._splicer is not None:
+            self._splicer.close()
 
 
 class PipeChannel(object):

@@ -45,6 +45,16 @@ class WriteBuffers(object):
                 self._bytes += size
 
 
+class Written(object):
+    """A WRITE's payload moved by the channel straight into the disk file
+    (Engine.write_target): nothing left to write but the outcome."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error=None):
+        self.error = error
+
+
 class Commands(object):
     """Executes requests on ``engine`` and returns their replies.
 
@@ -156,6 +166,10 @@ class Commands(object):
 
     def _write(self, request):
         payload = request.payload
+        if type(payload) is Written:
+            if payload.error is not None:
+                raise payload.error
+            return [nbd.simple_reply(request.cookie)]
         self.engine.pwrite(payload, request.offset, nbd.engine_flags(request))
         if self._recycle_writes:
             self.buffers.give_back(payload)

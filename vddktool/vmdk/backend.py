@@ -84,6 +84,14 @@ class NativeEngine(Engine):
         except VmdkError as e:
             raise _engine_error(e)
 
+    def write_target(self, count, offset):
+        if not self.can_write():
+            return None
+        try:
+            return self.disk.write_target(offset, count)
+        except VmdkError:
+            return None
+
     def zero(self, count, offset, flags=0):
         self._check_writable()
         try:

@@ -397,6 +397,21 @@ class Disk(object):
             with self._locked(extent):
                 extent.write(within, view[done:done + n])
 
+    def write_target(self, offset, count):
+        """``(fd, file_offset)`` when the range lies in one flat extent
+        that takes writes without a lock, else None (see
+        Engine.write_target)."""
+        try:
+            spans = self._writable_spans(offset, count)
+        except (EngineError, VmdkError):
+            return None     # pwrite will say why
+        if len(spans) != 1:
+            return None
+        extent, within, _, _ = spans[0]
+        if not getattr(extent, "lock_free_writes", False):
+            return None
+        return extent.fd, extent.start + within
+
     def zero(self, offset, count, may_trim=False):
         for extent, within, n, _ in self._writable_spans(offset, count):
             with self._locked(extent):
