@@ -11,6 +11,7 @@ three workloads, each server serving the same bytes:
                (nbdkit has no VMDK reader: the file plugin is the bar)
   write        nbdcopy SOURCE URI into a preallocated flat extent
                (vddktool: flat VMDK, nbdkit and qemu-nbd: raw file)
+  write-1conn  the same over one connection (as qemu-img convert writes)
   sparse-write nbdcopy SOURCE URI into a new, empty monolithicSparse VMDK
                (vddktool and qemu-nbd; nbdkit file: a new sparse raw
                file, the bar)
@@ -36,8 +37,8 @@ from common import (CLIENT_ENV, MiB, Served, bench_arguments, convert,
                     copy_rates, interleaved_rates, make_source, preallocate)
 
 
-WORKLOADS = ("flat-read", "sparse-read", "write", "sparse-write",
-             "randread")
+WORKLOADS = ("flat-read", "sparse-read", "write", "write-1conn",
+             "sparse-write", "randread")
 FIO_SECONDS = 10
 
 

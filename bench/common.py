@@ -45,9 +45,10 @@ def timed(argv):
 def nbdcopy(workload, source, uri):
     """A write workload copies ``source`` into the server; anything else
     reads the server's disk and throws it away."""
+    options = ["--connections=1"] if workload.endswith("1conn") else []
     if "write" in workload:
-        return ["nbdcopy", source, uri]
-    return ["nbdcopy", uri, "null:"]
+        return ["nbdcopy"] + options + [source, uri]
+    return ["nbdcopy"] + options + [uri, "null:"]
 
 
 def interleaved_rates(servers, measure, runs, warm_up=True):
