@@ -17,6 +17,7 @@ from fake_vddk.fixtures import fake_vddk  # noqa: F401 (fixture)
 from inprocess import serving
 from nbdclient import NbdClient
 from vddktool import engine as eng
+from vddktool.layers import FilterEngine
 from vddktool import protocol as nbd
 from vddktool.vmdk.backend import NativeBackend
 
@@ -172,7 +173,7 @@ def test_a_full_file_system_is_enospc_and_nothing_acknowledged_is_lost(
 # an engine that raises
 
 
-class Failing(eng.FilterEngine):
+class Failing(FilterEngine):
     """Fails reads, writes and flushes while ``failing`` holds an errno."""
 
     failing = None

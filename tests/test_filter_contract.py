@@ -1,4 +1,4 @@
-"""The seam every filter relies on (engine.FilterEngine, EngineAdapter,
+"""The seam every filter relies on (layers.FilterEngine, EngineAdapter,
 filters.base.FilterBackend, filters.build_stack): no filter is bypassed,
 a stack is as strict as its strictest layer, FUA and fast zero are
 decided once at the bottom, and the asynchronous path stays open only
@@ -13,9 +13,9 @@ from conftest import CLIENT_ENV, need
 from inprocess import serving
 from memory_engine import MemoryBackend
 from vddktool import filters, params
-from vddktool.engine import (FLAG_FAST_ZERO, FLAG_FUA, FUA_EMULATE,
-                             FUA_NATIVE, PARALLEL, SERIALIZE_REQUESTS,
-                             EngineError, FilterEngine)
+from vddktool.engine import (FLAG_FAST_ZERO, FLAG_FUA, FUA_EMULATE, FUA_NATIVE,
+                             PARALLEL, SERIALIZE_REQUESTS, EngineError)
+from vddktool.layers import FilterEngine
 from vddktool.filters.base import FilterBackend
 
 DATA = bytes(range(256)) * 1024      # 256 KiB

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import CLIENT_ENV, need, run
 from inprocess import serving
-from vddktool.engine import (Engine, EngineAdapter, FilterEngine,
-                             SerializedEngine)
+from vddktool.engine import Engine
+from vddktool.layers import EngineAdapter, FilterEngine, SerializedEngine
 from vddktool.server import splice as splice_module
 from vddktool.server.channels import SocketChannel
 from vddktool.server.splice import FileWriteFailed

@@ -6,7 +6,7 @@ backend): it takes part in config_complete, get_ready, after_fork,
 preconnect and cleanup, holds what connections share (rate's buckets,
 cow's overlay, limit's count), and opens one ``FilterEngine`` per
 connection over the engine it opens below.  The engine half
-(engine.FilterEngine) changes what the filter changes and inherits the
+(layers.FilterEngine) changes what the filter changes and inherits the
 rest.
 """
 
@@ -14,7 +14,8 @@ import collections
 import threading
 
 from .. import log
-from ..engine import PARALLEL, Backend, Extent, FilterEngine, UsageError
+from ..engine import PARALLEL, Backend, Extent, UsageError
+from ..layers import FilterEngine
 
 # How a connection opened its engine, kept so that the engine below can
 # be opened again the same way (retry).

@@ -17,7 +17,8 @@ time, so overlapping writes cannot lose each other's bytes.
 import errno
 
 from ..engine import (FLAG_FAST_ZERO, FLAG_FUA, FUA_NATIVE, EngineError,
-                      Extent, FilterEngine, in_memory)
+                      Extent, in_memory)
+from ..layers import FilterEngine
 from .base import FilterBackend, RWLock, clip_extents
 
 DEFAULT_MAXDATA = 64 * 1024 * 1024

@@ -12,7 +12,8 @@ zeroes may go the asynchronous way; they are seen all the same.
 
 import threading
 
-from ..engine import FLAG_REQ_ONE, Extent, FilterEngine
+from ..engine import FLAG_REQ_ONE, Extent
+from ..layers import FilterEngine
 from .base import FilterBackend, clip_extents, noted_around
 
 

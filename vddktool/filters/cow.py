@@ -22,10 +22,10 @@ import re
 import tempfile
 import threading
 
-from ..engine import (CACHE_EMULATE, CACHE_NATIVE, EXTENT_HOLE,
-                      EXTENT_ZERO, FLAG_FAST_ZERO, FLAG_REQ_ONE, FUA_NATIVE,
-                      EngineError, Extent, FilterEngine, UsageError,
-                      in_memory)
+from ..engine import (CACHE_EMULATE, CACHE_NATIVE, EXTENT_HOLE, EXTENT_ZERO,
+                      FLAG_FAST_ZERO, FLAG_REQ_ONE, FUA_NATIVE, EngineError,
+                      Extent, UsageError, in_memory)
+from ..layers import FilterEngine
 from .base import FilterBackend, clip_extents
 
 DEFAULT_TMPDIR = "/var/tmp"

@@ -9,7 +9,8 @@ export.
 import errno
 import threading
 
-from ..engine import EngineError, FilterEngine
+from ..engine import EngineError
+from ..layers import FilterEngine
 from .base import FilterBackend
 
 

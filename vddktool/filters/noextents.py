@@ -6,7 +6,7 @@ block-status query with one data extent, as nbdkit does.  Reads and
 writes are untouched, so the asynchronous path stays open.
 """
 
-from ..engine import FilterEngine
+from ..layers import FilterEngine
 from .base import FilterBackend
 
 

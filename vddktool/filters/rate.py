@@ -17,7 +17,7 @@ import threading
 import time
 
 from .. import log
-from ..engine import FilterEngine
+from ..layers import FilterEngine
 from ..params import parse_size
 from .base import FilterBackend
 

@@ -15,7 +15,8 @@ filled while one ran is not used.
 
 import threading
 
-from ..engine import FilterEngine, in_memory
+from ..engine import in_memory
+from ..layers import FilterEngine
 from .base import FilterBackend, noted_around
 
 WINDOW_MIN = 64 * 1024

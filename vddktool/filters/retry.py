@@ -17,7 +17,8 @@ import errno
 
 from .. import log
 from ..engine import (FLAG_FAST_ZERO, FLAG_FUA, FUA_NONE, SERIALIZE_REQUESTS,
-                      SHUTTING_DOWN, EngineError, FilterEngine)
+                      SHUTTING_DOWN, EngineError)
+from ..layers import FilterEngine
 from .base import FilterBackend
 
 

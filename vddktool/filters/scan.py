@@ -19,7 +19,8 @@ import collections
 import threading
 
 from .. import log
-from ..engine import CACHE_NONE, PARALLEL, FilterEngine
+from ..engine import CACHE_NONE, PARALLEL
+from ..layers import FilterEngine
 from .base import FilterBackend, warn
 
 

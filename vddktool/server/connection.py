@@ -6,7 +6,8 @@ import threading
 
 from .. import log
 from .. import protocol as nbd
-from ..engine import MAX_REQUEST_SIZE, PARALLEL, EngineError, SerializedEngine
+from ..engine import MAX_REQUEST_SIZE, PARALLEL, EngineError
+from ..layers import SerializedEngine
 from .channels import FileSendError
 from .commands import SMALL_FILE_RANGE, Commands, WriteBuffers, Written
 from .splice import FileWriteFailed
