@@ -33,8 +33,9 @@ import shutil
 import subprocess
 import tempfile
 
-from common import (CLIENT_ENV, MiB, Served, bench_arguments, convert,
-                    copy_rates, interleaved_rates, make_source, preallocate)
+from common import (CLIENT_ENV, MiB, Served, Workspace, bench_arguments,
+                    convert, copy_rates, interleaved_rates, make_source,
+                    preallocate)
 
 
 WORKLOADS = ("flat-read", "sparse-read", "write", "write-1conn",
@@ -53,11 +54,9 @@ def fio_iops(uri):
     return json.loads(out[out.index("{"):])["jobs"][0]["read"]["iops"]
 
 
-class Bench(object):
+class Bench(Workspace):
     def __init__(self, work, size_mib, python):
-        self.work = work
-        self.size = size_mib
-        self.python = python
+        super().__init__(work, size_mib, python)
         self.raw = self.path("source.raw")
         self.sparse_raw = self.path("sparse.raw")
         make_source(self.raw, size_mib, sparse=False)
@@ -66,14 +65,6 @@ class Bench(object):
         self.sparse = self.path("sparse.vmdk")
         convert(self.raw, self.flat, "monolithicFlat")
         convert(self.raw, self.sparse, "monolithicSparse")
-        self._sockets = 0
-
-    def path(self, name):
-        return os.path.join(self.work, name)
-
-    def sock(self):
-        self._sockets += 1
-        return self.path("nbd%d.sock" % self._sockets)
 
     def vddktool(self, *args):
         sock = self.sock()

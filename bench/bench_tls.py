@@ -21,8 +21,8 @@ import shutil
 import sys
 import tempfile
 
-from common import (ROOT, Served, bench_arguments, convert, copy_rates,
-                    make_source, preallocate)
+from common import (ROOT, Served, Workspace, bench_arguments, convert,
+                    copy_rates, make_source, preallocate)
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 from testpki import PKI  # noqa: E402
@@ -30,22 +30,15 @@ from testpki import PKI  # noqa: E402
 WORKLOADS = ("read", "write")
 
 
-class Bench(object):
+class Bench(Workspace):
     def __init__(self, work, size_mib, python):
-        self.work = work
-        self.size = size_mib
-        self.python = python
+        super().__init__(work, size_mib, python)
         self.pki = PKI(self.path("pki"))
         self.raw = self.path("source.raw")
         make_source(self.raw, size_mib)
-        self._sockets = 0
-
-    def path(self, name):
-        return os.path.join(self.work, name)
 
     def serve(self, name, program, args, tls):
-        self._sockets += 1
-        sock = self.path("nbd%d.sock" % self._sockets)
+        sock = self.sock()
         options = ["-f", "-U", sock]
         if tls:
             options += ["--tls=require", "--tls-verify-peer",

@@ -33,7 +33,7 @@ import shutil
 import sys
 import tempfile
 
-from common import (MiB, ROOT, Served, bench_arguments, copy_rates,
+from common import (MiB, ROOT, Served, Workspace, bench_arguments, copy_rates,
                     make_source)
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -54,24 +54,14 @@ def flat_descriptor(path, extent, size):
                 % (size // 512, os.path.basename(extent)))
 
 
-class Bench(object):
+class Bench(Workspace):
     def __init__(self, work, size_mib, python, nbdkit_vddk):
-        self.work = work
-        self.size = size_mib
-        self.python = python
+        super().__init__(work, size_mib, python)
         self.nbdkit_vddk = nbdkit_vddk
         self.libdir = self.path("vddk")
         build(self.libdir, optimize=True)
         self.source = self.path("source.raw")
         make_source(self.source, size_mib)
-        self._sockets = 0
-
-    def path(self, name):
-        return os.path.join(self.work, name)
-
-    def sock(self):
-        self._sockets += 1
-        return self.path("nbd%d.sock" % self._sockets)
 
     def disk_copy(self, name):
         path = self.path(name)

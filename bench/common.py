@@ -144,3 +144,21 @@ def bench_arguments(doc, workloads, default_size=1024, more=None):
         parser.error("unknown workload %s (choose from %s)"
                      % (", ".join(sorted(unknown)), ", ".join(workloads)))
     return args, parser
+
+
+class Workspace(object):
+    """A benchmark's directory: files in it, and a new socket name for
+    each server started."""
+
+    def __init__(self, work, size_mib, python):
+        self.work = work
+        self.size = size_mib
+        self.python = python
+        self._sockets = 0
+
+    def path(self, name):
+        return os.path.join(self.work, name)
+
+    def sock(self):
+        self._sockets += 1
+        return self.path("nbd%d.sock" % self._sockets)
