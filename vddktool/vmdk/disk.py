@@ -401,6 +401,10 @@ class Disk(object):
         """``(fd, file_offset)`` when the range lies in one flat extent
         that takes writes without a lock, else None (see
         Engine.write_target)."""
+        if self._cid_renewed and offset + count <= self.size and \
+                self._one_lock_free_extent:
+            extent = self.extents[0]    # as write's fast path
+            return extent.fd, extent.start + offset
         try:
             spans = self._writable_spans(offset, count)
         except (EngineError, VmdkError):
