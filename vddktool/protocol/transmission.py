@@ -43,6 +43,8 @@ def decode_request(header):
     return flags, command, cookie, offset, length
 
 
+_unpack_request = REQUEST.unpack
+
 # A header's command and length fields, from byte 6 (the cookie and
 # offset between them skipped).
 _COMMAND_AND_LENGTH = struct.Struct(">H16xI")
@@ -60,8 +62,11 @@ class Request(object):
     __slots__ = ("flags", "command", "cookie", "offset", "length", "payload")
 
     def __init__(self, header):
-        (self.flags, self.command, self.cookie, self.offset,
-         self.length) = decode_request(header)
+        # decode_request, inlined: this runs once per request.
+        (magic, self.flags, self.command, self.cookie, self.offset,
+         self.length) = _unpack_request(header)
+        if magic != REQUEST_MAGIC:
+            raise ProtocolError("bad request magic 0x%x" % magic)
         self.payload = None
 
     @property
@@ -221,10 +226,13 @@ def normalize_extents(extents, offset, count, req_one):
 
 
 class Limits(object):
-    """What transmission requests are checked against (fixed at GO)."""
+    """What transmission requests are checked against (fixed at GO).
+    ``rules`` holds, per command, what validate_request needs: the NBD
+    errno that refuses the command outright (0: none), the command flags
+    this export accepts with it, and the longest length it may carry."""
 
     __slots__ = ("size", "flags", "minimum", "maximum", "structured",
-                 "has_block_status")
+                 "has_block_status", "rules")
 
     def __init__(self, size, flags, block_size, structured, has_block_status):
         self.size = size
@@ -233,10 +241,32 @@ class Limits(object):
         self.maximum = block_size[2]
         self.structured = structured
         self.has_block_status = has_block_status
+        self.rules = dict((command, self._rule(command, allowed))
+                          for command, allowed in _ALLOWED_CMD_FLAGS.items())
+
+    def _rule(self, command, allowed):
+        tflags = self.flags
+        refusal = 0
+        if command in _WRITE_COMMANDS and tflags & TFLAG_READ_ONLY:
+            refusal = NBD_EPERM
+        elif command in _NEEDED_FLAG and not tflags & _NEEDED_FLAG[command]:
+            refusal = NBD_EINVAL
+        elif command == CMD_BLOCK_STATUS and not self.has_block_status:
+            refusal = NBD_EINVAL
+        # Flags the export did not offer are refused like unknown ones.
+        if not tflags & TFLAG_SEND_FUA:
+            allowed &= ~CMD_FLAG_FUA
+        if not self.structured:
+            allowed &= ~CMD_FLAG_DF
+        if not tflags & TFLAG_SEND_FAST_ZERO:
+            allowed &= ~CMD_FLAG_FAST_ZERO
+        longest = _NO_LIMIT
+        if command in _DATA_COMMANDS:
+            longest = min(MAX_REQUEST_SIZE, self.maximum)
+        return refusal, allowed, longest
 
 
-_RANGE_COMMANDS = (CMD_READ, CMD_WRITE, CMD_TRIM, CMD_CACHE,
-                   CMD_WRITE_ZEROES, CMD_BLOCK_STATUS)
+_NO_LIMIT = 1 << 64     # lengths are 32-bit: no command reaches it
 _WRITE_COMMANDS = (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES)
 _DATA_COMMANDS = (CMD_READ, CMD_WRITE)
 _NEEDED_FLAG = {
@@ -247,35 +277,23 @@ _NEEDED_FLAG = {
 
 def validate_request(command, flags, offset, length, limits):
     """0 when the request may go to the engine, else the NBD errno."""
-    allowed = _ALLOWED_CMD_FLAGS.get(command)
-    if allowed is None:
+    rule = limits.rules.get(command)
+    if rule is None:
         return NBD_EINVAL
-    tflags = limits.flags
-    if command in _WRITE_COMMANDS and tflags & TFLAG_READ_ONLY:
-        return NBD_EPERM
-    needed = _NEEDED_FLAG.get(command)
-    if needed is not None and not tflags & needed:
-        return NBD_EINVAL
+    refusal, allowed, longest = rule
+    if refusal:
+        return refusal
     if flags & ~allowed:
-        return NBD_EINVAL
-    if flags & CMD_FLAG_FUA and not tflags & TFLAG_SEND_FUA:
-        return NBD_EINVAL
-    if flags & CMD_FLAG_DF and not limits.structured:
-        return NBD_EINVAL
-    if flags & CMD_FLAG_FAST_ZERO and not tflags & TFLAG_SEND_FAST_ZERO:
         return NBD_EINVAL
     if command == CMD_FLUSH:
         return NBD_EINVAL if offset or length else 0
     if command == CMD_DISC:
         return 0
-    if command in _DATA_COMMANDS and (
-            length > MAX_REQUEST_SIZE or length > limits.maximum):
+    if length > longest:
         return NBD_EINVAL
     if length == 0 or offset + length > limits.size:
         return NBD_ENOSPC if command in _WRITE_COMMANDS else NBD_EINVAL
     minimum = limits.minimum
     if minimum > 1 and (offset % minimum or length % minimum):
-        return NBD_EINVAL
-    if command == CMD_BLOCK_STATUS and not limits.has_block_status:
         return NBD_EINVAL
     return 0

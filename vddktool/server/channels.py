@@ -60,6 +60,10 @@ class SocketChannel(object):
         self._sendmsg = sock.sendmsg
         self._buffer = memoryview(bytearray(self.BUFFER_SIZE))
         self._start = self._end = 0
+        # Set once a payload went into a file: the next read takes only
+        # the header it asks for, so the payload after it is not pulled
+        # into Python but spliced whole.
+        self._exact = False
         self._splicer = None
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             # Replies are written whole; Nagle would only delay them.
@@ -77,7 +81,8 @@ class SocketChannel(object):
         if buffered:
             view[:buffered] = self._buffer[start:self._end]
         self._start = self._end = 0
-        if wanted - buffered > self.BUFFER_SIZE // 2:
+        if self._exact or wanted - buffered > self.BUFFER_SIZE // 2:
+            self._exact = False
             return self._recv_all(view[buffered:])
         got = buffered
         while got < wanted:
@@ -111,6 +116,7 @@ class SocketChannel(object):
                 moved, failure = True, exc
             if not moved:
                 return moved    # None (unusable) or False (hung up)
+            self._exact = True
         if buffered:
             start = self._start
             self._start = start + buffered
@@ -165,6 +171,12 @@ class SocketChannel(object):
         return True
 
     def send(self, buffers):
+        if len(buffers) == 1 and type(buffers[0]) is not FileRange:
+            # Most replies: one header, or one chunk with its data.
+            sent = self._sendmsg(buffers)
+            if sent < len(buffers[0]):
+                self._send_rest(buffers, sent)
+            return
         start = 0
         for index, piece in enumerate(buffers):
             if type(piece) is FileRange:

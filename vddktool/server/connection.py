@@ -6,6 +6,7 @@ import threading
 
 from .. import log
 from .. import protocol as nbd
+from ..protocol import CMD_DISC, CMD_WRITE, Request, validate_request
 from ..engine import MAX_REQUEST_SIZE, PARALLEL, EngineError
 from ..layers import SerializedEngine
 from .channels import FileSendError
@@ -345,46 +346,47 @@ class Connection(object):
         is read (it may wait for room)."""
         header = self.header
         read_into = self.channel.read_into
-        debugging = self.datapath_debugging
         while True:
             if not read_into(header):
                 return None
             try:
-                request = nbd.Request(header)
+                request = Request(header)
             except nbd.ProtocolError as exc:
                 log.error("%s: %s: disconnecting", self.peer, exc)
                 return None
             command, length = request.command, request.length
-            if debugging:
+            if self.datapath_debugging:
                 log.debug("%s: %s flags 0x%x offset %d length %d cookie %d",
                           self.peer, request.name, request.flags,
                           request.offset, length, request.cookie)
-            if command == nbd.CMD_DISC:
-                return None
-            if command == nbd.CMD_WRITE and length > MAX_REQUEST_SIZE:
-                # Its payload cannot be skipped without reading whatever
-                # the client claims: refuse and hang up.
-                self.send(nbd.error_reply(request, nbd.NBD_EINVAL, "",
-                                          self.structured))
-                return None
-            error = nbd.validate_request(command, request.flags,
-                                         request.offset, length, self.limits)
-            if not error and admit is not None:
-                admit(request)
-            if command == nbd.CMD_WRITE and not error:
-                written = self._write_into_file(request)
-                if written is False:
+            if command == CMD_WRITE:
+                if length > MAX_REQUEST_SIZE:
+                    # Its payload cannot be skipped without reading
+                    # whatever the client claims: refuse and hang up.
+                    self.send(nbd.error_reply(request, nbd.NBD_EINVAL, "",
+                                              self.structured))
                     return None
-                if written is not None:
-                    request.payload = written
-                    return request
-            if command == nbd.CMD_WRITE:
-                payload = self.buffers.get(length)
-                if length and not read_into(memoryview(payload)):
-                    return None
-                request.payload = payload
+            elif command == CMD_DISC:
+                return None
+            error = validate_request(command, request.flags,
+                                     request.offset, length, self.limits)
             if error:
+                if command == CMD_WRITE and length and not read_into(
+                        memoryview(self.buffers.get(length))):
+                    return None     # the payload of a refused write
                 self.send(nbd.error_reply(request, error, "",
                                           self.structured))
                 continue
+            if admit is not None:
+                admit(request)
+            if command == CMD_WRITE:
+                written = self._write_into_file(request)
+                if written is None:
+                    payload = self.buffers.get(length)
+                    if length and not read_into(memoryview(payload)):
+                        return None
+                    written = payload
+                elif written is False:
+                    return None
+                request.payload = written
             return request

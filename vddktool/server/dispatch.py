@@ -124,6 +124,9 @@ class LeaderFollowers(object):
         read, execute, deliver = self._read, self._execute, self._deliver
         cheap_ahead = self._cheap_ahead
         lock = self._lock
+        patience = self._patience
+        slow_share = self.SLOW_STALL_SHARE
+        weight = self.STALL_WEIGHT
         corked = []
         corked_bytes = 0
         while True:
@@ -135,12 +138,12 @@ class LeaderFollowers(object):
                         deliver(corked)
                     return
                 started = self._last_request = monotonic()
-                if self._eager or \
-                        self._stall_share >= self.SLOW_STALL_SHARE:
+                if self._eager or self._stall_share >= slow_share:
                     self._hand_over()
                 if self._leader is me:
                     self._busy_since = started
-                    if self._standby is None:
+                    standby = self._standby
+                    if standby is None:
                         if self._waiting:
                             self._changed.notify()  # a follower stands by
                         else:
@@ -155,8 +158,12 @@ class LeaderFollowers(object):
                     replaced = self._leader is not me
                     if not replaced:
                         self._busy_since = None
-                    self._note(monotonic() - started >= self._patience)
-            if not replaced and cheap_ahead():
+                    # _note, inlined: this runs once per request.
+                    stalled = monotonic() - started >= patience
+                    self._stall_share += weight * (stalled -
+                                                   self._stall_share)
+            if not replaced and corked_bytes < self.CORK_BYTES and \
+                    cheap_ahead():
                 size = sum(len(buffer) for buffer in reply)
                 if corked_bytes + size <= self.CORK_BYTES:
                     corked += reply

@@ -175,6 +175,15 @@ def _synthesized(path, create_type, sectors, kind):
     return Descriptor.parse("\n".join(lines), path)
 
 
+def _plain_extent(extents):
+    """The one extent of a disk that is a single writable extent taking
+    writes without a lock (a flat disk), else None."""
+    if len(extents) == 1 and extents[0].writable and getattr(
+            extents[0], "lock_free_writes", False):
+        return extents[0]
+    return None
+
+
 class Disk(object):
     """One link of a chain, with its parent (another Disk) or None."""
 
@@ -203,6 +212,7 @@ class Disk(object):
             raise
         self.size = sum(e.size for e in self.extents)
         self.writable = any(e.writable for e in self.extents)
+        self._plain_extent = _plain_extent(self.extents)
         if writable and not self.writable:
             log.debug("%s: no extent of this %s disk can be written; "
                       "serving it read-only", self.path, self.create_type)
@@ -226,6 +236,7 @@ class Disk(object):
         disk.parent = None
         disk.size = extent.size
         disk.writable = extent.writable
+        disk._plain_extent = _plain_extent(disk.extents)
         disk.file_locks = ImageLocks(extent.writable)
         try:
             disk._lock_files()
@@ -389,9 +400,9 @@ class Disk(object):
     def write(self, offset, data):
         view = memoryview(data).cast("B")
         if self._cid_renewed and offset + len(view) <= self.size and \
-                self._one_lock_free_extent:
+                self._plain_extent is not None:
             # The common flat disk: nothing to split and nothing to lock.
-            self.extents[0].write(offset, view)
+            self._plain_extent.write(offset, view)
             return
         for extent, within, n, done in self._writable_spans(offset, len(view)):
             with self._locked(extent):
@@ -401,10 +412,10 @@ class Disk(object):
         """``(fd, file_offset)`` when the range lies in one flat extent
         that takes writes without a lock, else None (see
         Engine.write_target)."""
-        if self._cid_renewed and offset + count <= self.size and \
-                self._one_lock_free_extent:
-            extent = self.extents[0]    # as write's fast path
-            return extent.fd, extent.start + offset
+        extent = self._plain_extent
+        if extent is not None and self._cid_renewed and \
+                offset + count <= self.size:
+            return extent.fd, extent.start + offset  # as write's fast path
         try:
             spans = self._writable_spans(offset, count)
         except (EngineError, VmdkError):
@@ -468,17 +479,12 @@ class Disk(object):
         for extent in self.extents:
             extent.close()
         self.extents = []
+        self._plain_extent = None
         if self.parent is not None:
             self.parent.close()
             self.parent = None
         # Last: closing an extent may still write (the clean-shutdown mark).
         self.file_locks.release()
-
-    @property
-    def _one_lock_free_extent(self):
-        extents = self.extents
-        return len(extents) == 1 and extents[0].writable and getattr(
-            extents[0], "lock_free_writes", False)
 
     @property
     def sequential_writes_only(self):
