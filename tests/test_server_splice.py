@@ -57,6 +57,37 @@ def test_a_payload_lands_in_the_file_read_ahead_part_included(pair,
     assert path.read_bytes()[4096:4096 + len(payload)] == payload
 
 
+def test_after_a_spliced_payload_the_next_header_is_read_alone(pair,
+                                                              tmp_path):
+    """Reading ahead after a spliced payload would pull the start of the
+    next payload into Python; the header alone is read instead, so that
+    payload is spliced whole.  Other reads still read ahead."""
+    channel, client = pair
+    first, second = os.urandom(300 * KiB), os.urandom(64 * KiB)
+    path = tmp_path / "extent"
+    path.write_bytes(bytes(MiB))
+    fd = os.open(str(path), os.O_RDWR)
+    header = memoryview(bytearray(28))
+    try:
+        sender = send_soon(client, b"1" * 28 + first + b"2" * 28 + second +
+                           b"3" * 28 + b"4" * 28 + b"5" * 28)
+        assert channel.read_into(header)
+        assert channel.receive_into_file(fd, 0, len(first)) is True
+        sender.join()   # everything after it is waiting in the socket
+        assert channel.read_into(header) and bytes(header) == b"2" * 28
+        assert channel.buffered(1) is None
+        assert channel.receive_into_file(fd, 512 * KiB, len(second)) is True
+        assert channel.read_into(header) and bytes(header) == b"3" * 28
+        # No payload in between: the next read takes what has come.
+        assert channel.read_into(header) and bytes(header) == b"4" * 28
+        assert bytes(channel.buffered(28)) == b"5" * 28
+    finally:
+        os.close(fd)
+    data = path.read_bytes()
+    assert data[:len(first)] == first
+    assert data[512 * KiB:512 * KiB + len(second)] == second
+
+
 def test_a_client_gone_mid_payload_is_the_end_of_the_stream(pair,
                                                             tmp_path):
     channel, client = pair

@@ -19,7 +19,8 @@ from ..engine import EngineError
 from .descriptor import (FLAT_TYPES, MAX_DESCRIPTOR_BYTES, NO_PARENT_CID,
                          Descriptor, ExtentLine, new_cid, same_cid)
 from .extent import DATA, UNALLOCATED, ZERO, ExtentReader, VmdkError
-from .flat import SECTOR, FlatExtent, ZeroExtent, file_size, open_file
+from .flat import (SECTOR, FlatExtent, ZeroExtent, file_size, open_file,
+                   pwrite_all)
 from .locks import ImageLocks
 from .sparse import (FLAG_COMPRESSED, MAGIC as SPARSE_MAGIC, SparseExtent,
                      read_embedded_descriptor, read_header)
@@ -405,12 +406,17 @@ class Disk(object):
             self._plain_extent.write(offset, view)
             return
         for extent, within, n, done in self._writable_spans(offset, len(view)):
+            where = _in_place(extent, within, n)
+            if where is not None:
+                pwrite_all(extent.fd, view[done:done + n], where, extent.path)
+                continue
             with self._locked(extent):
                 extent.write(within, view[done:done + n])
 
     def write_target(self, offset, count):
-        """``(fd, file_offset)`` when the range lies in one flat extent
-        that takes writes without a lock, else None (see
+        """``(fd, file_offset)`` when the range lies in one extent that
+        can take it in place, in one run of its file, without a lock (a
+        flat extent, or sparse grains already written), else None (see
         Engine.write_target)."""
         extent = self._plain_extent
         if extent is not None and self._cid_renewed and \
@@ -422,10 +428,9 @@ class Disk(object):
             return None     # pwrite will say why
         if len(spans) != 1:
             return None
-        extent, within, _, _ = spans[0]
-        if not getattr(extent, "lock_free_writes", False):
-            return None
-        return extent.fd, extent.start + within
+        extent, within, n, _ = spans[0]
+        where = _in_place(extent, within, n)
+        return None if where is None else (extent.fd, where)
 
     def zero(self, offset, count, may_trim=False):
         for extent, within, n, _ in self._writable_spans(offset, count):
@@ -514,6 +519,13 @@ class _NoLock(object):
 
 
 _NO_LOCK = _NoLock()
+
+
+def _in_place(extent, offset, count):
+    """Where in its file an extent takes ``count`` bytes at ``offset``
+    as they are, with no lock (Extent.in_place), or None."""
+    in_place = getattr(extent, "in_place", None)
+    return None if in_place is None else in_place(offset, count)
 
 
 def _reader(extent, file_ranges):

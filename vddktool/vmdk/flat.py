@@ -167,6 +167,9 @@ class FlatExtent(ExtentReader):
     def write(self, offset, data):
         pwrite_all(self.fd, data, self.start + offset, self.path)
 
+    def in_place(self, offset, count):
+        return self.start + offset
+
     def zero(self, offset, count, may_trim=False):
         if may_trim and self._punch(offset, count):
             return

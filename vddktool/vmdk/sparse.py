@@ -210,7 +210,10 @@ class SparseExtent(ExtentReader):
                 self.fd, self.gt_bytes, gt_sector * SECTOR, self.path))
             if len(self._gt_cache) >= GT_CACHE_LIMIT:
                 self._gt_cache.clear()
-            self._gt_cache[gt_sector] = table
+            # Readers fill the cache without the disk's lock: if a writer
+            # cached (and updated) this table meanwhile, its copy wins,
+            # never the older one read here.
+            table = self._gt_cache.setdefault(gt_sector, table)
         return table
 
     def _grain_entry(self, grain):
@@ -361,6 +364,22 @@ class SparseExtent(ExtentReader):
             table = self._table(gt_sector)
             table[index:index + n] = array.array(table.typecode, chunk)
             done += n
+
+    def in_place(self, offset, count):
+        """The file offset where ``count`` bytes at ``offset`` can be
+        written as they are, without the disk's lock: every grain of the
+        range already holds data, in one run of the file.  Else None.
+        Written grains never move and their space is never reused, so
+        writing into them changes no metadata."""
+        start = expected = None
+        for n, state, where in self._runs(offset, count):
+            if state is not DATA or (start is not None and
+                                     where != expected):
+                return None
+            if start is None:
+                start = where
+            expected = where + n
+        return start
 
     def write(self, offset, data):
         view = memoryview(data).cast("B")
