@@ -254,3 +254,33 @@ def test_structured_reads_reach_a_filter_that_overrides_pread(tmp_path):
                     "print(h.pread(8192, 4096) == %r)" % DATA[4096:12288])
     assert out.split() == ["True", "True"]
     assert ReadCounter.reads == 1
+
+
+class _Recycles(FilterEngine):
+    """The bottom of a small stack: records what comes back to it."""
+
+    def __init__(self):
+        self.back = []
+
+    def recycle(self, data):
+        self.back.append(data)
+
+
+class _NotesReads(FilterEngine):
+    def submit_pread(self, count, offset, flags, done):
+        self.next.submit_pread(count, offset, flags, done)
+
+
+class _ReadsForItself(FilterEngine):
+    def pread(self, count, offset, flags=0):
+        return self.next.pread(count, offset, flags)
+
+
+def test_read_buffers_go_back_down_only_through_filters_that_never_saw_them():
+    bottom = _Recycles()
+    FilterEngine(FilterEngine(bottom)).recycle(b"passed through")
+    # A filter that sees reads may have kept what it saw.
+    _NotesReads(bottom).recycle(b"seen on its way up")
+    _ReadsForItself(bottom).recycle(b"its own")
+    FilterEngine(_NotesReads(bottom)).recycle(b"seen lower down")
+    assert bottom.back == [b"passed through"]

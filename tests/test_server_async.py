@@ -153,6 +153,45 @@ def test_many_reads_in_flight_each_reply_with_its_own_data(tmp_path):
     assert backend.in_flight_at_close == [0]
 
 
+class RecyclingEngine(LaterEngine):
+    """Reads into bytearrays of its own and takes them back through
+    recycle(), scribbling over each: a buffer given back before its
+    reply was sent would reach the client scribbled."""
+
+    def submit_pread(self, count, offset, flags, done):
+        data = bytearray(content(offset, count))
+        with self.backend.lock:
+            self.backend.handed_out.add(id(data))
+            self.backend.keep.append(data)  # ids stay unique meanwhile
+        self.backend.started(count)
+        self._later(done, None, data, count)
+
+    def recycle(self, data):
+        with self.backend.lock:
+            self.backend.recycled.append(id(data))
+        data[:] = b"\xff" * len(data)
+
+
+class RecyclingBackend(LaterBackend):
+    def __init__(self):
+        super().__init__()
+        self.handed_out, self.recycled, self.keep = set(), [], []
+
+    def open(self, export_name, readonly, is_tls=False):
+        return RecyclingEngine(self)
+
+
+def test_read_buffers_go_back_to_the_engine_once_their_reply_is_sent(
+        tmp_path):
+    backend = RecyclingBackend()
+    with serving(backend, tmp_path) as uri:
+        replies = nbdsh_json(READ_MANY % (uri, 4096, 64))
+    assert [bytes.fromhex(r) for r in replies] == [
+        content(i * 4096, 4096) for i in range(64)]
+    assert sorted(backend.recycled) == sorted(backend.handed_out)
+    assert len(backend.recycled) == 64
+
+
 def test_window_holds_requests_in_flight_to_four_per_thread(tmp_path):
     backend = LaterBackend()
     with serving(backend, tmp_path, threads=2) as uri:

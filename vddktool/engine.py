@@ -292,6 +292,12 @@ class Engine(object):
     def submit_pwrite(self, buf, offset, flags, done):
         raise NotImplementedError
 
+    def recycle(self, data):
+        """The server has sent ``data``, which a submit_pread gave to
+        done(), and holds it no more: an engine that allocated it may
+        fill it again for a later read.  Data given to done() belongs to
+        the caller, so no layer may keep it."""
+
     def submit_zero(self, count, offset, flags, done):
         """Emulated with submit_pwrite from a shared buffer of zeros, in
         pieces all in flight together (never from a completion: a submit

@@ -63,6 +63,9 @@ class FilterEngine(Engine):
         # A filter that reads for itself (either way of reading) must
         # see every read: asynchronous reads would bypass it.
         self._own_reads = self._own_pread or _overrides(cls, "pread_sparse")
+        # Only data that passed through untouched goes back down.
+        self._passes_reads_up = not self._own_reads and not _overrides(
+            cls, "submit_pread")
 
     # Forwarding bodies, for super() calls from filters (instances bind
     # what they do not override straight to the layer below).
@@ -156,6 +159,11 @@ class FilterEngine(Engine):
 
     def submit_zero(self, count, offset, flags, done):
         self.next.submit_zero(count, offset, flags, done)
+
+    def recycle(self, data):
+        # A filter that saw the data on its way up may have kept it.
+        if self._passes_reads_up:
+            self.next.recycle(data)
 
 
 def _overrides(cls, name):

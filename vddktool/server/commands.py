@@ -4,7 +4,6 @@ method returns the buffers to send, so any dispatcher can drive it.
 """
 
 import errno
-import threading
 
 from .. import log
 from .. import protocol as nbd
@@ -14,35 +13,6 @@ from ..engine import EngineError, FileRange, errno_of, in_memory
 # with sendfile(2): the same one system call, and the reply can then go
 # out in one sendmsg with its neighbours' (see LeaderFollowers' corking).
 SMALL_FILE_RANGE = 64 * 1024
-
-
-class WriteBuffers(object):
-    """Buffers for write payloads, given back once the engine lets go of
-    them, so the next write of the same size skips allocating and zeroing
-    one.  Bounded in count and bytes (requests may be 64 MiB each)."""
-
-    def __init__(self, max_count, max_bytes=32 * 1024 * 1024):
-        self._spares = []
-        self._bytes = 0
-        self._max_count = max_count
-        self._max_bytes = max_bytes
-        self._lock = threading.Lock()
-
-    def get(self, length):
-        with self._lock:
-            if self._spares and len(self._spares[-1]) == length:
-                self._bytes -= length
-                return self._spares.pop()
-        return bytearray(length)
-
-    def give_back(self, buffer):
-        size = len(buffer)
-        with self._lock:
-            if len(self._spares) < self._max_count and (
-                    self._bytes + size <= self._max_bytes or
-                    not self._spares):
-                self._spares.append(buffer)
-                self._bytes += size
 
 
 class Written(object):
@@ -133,6 +103,12 @@ class Commands(object):
             return self._structured_reply(request, [(request.offset, data)])
         return nbd.simple_read_reply(request.cookie, in_memory(data)
                                      if not self.zero_copy else data)
+
+    def sent(self, request, data):
+        """The reply built from a completion is out: a READ's buffer goes
+        back to the engine, which may fill it again (Engine.recycle)."""
+        if data is not None and request.command == nbd.CMD_READ:
+            self.engine.recycle(data)
 
     # -- command handlers: each returns the reply buffers --
     def _read_simple(self, request):

@@ -10,7 +10,8 @@ from ..protocol import CMD_DISC, CMD_WRITE, Request, validate_request
 from ..engine import MAX_REQUEST_SIZE, PARALLEL, EngineError
 from ..layers import SerializedEngine
 from .channels import FileSendError
-from .commands import SMALL_FILE_RANGE, Commands, WriteBuffers, Written
+from ..buffers import BufferPool
+from .commands import SMALL_FILE_RANGE, Commands, Written
 from .splice import FileWriteFailed
 from .dispatch import AsyncWindow, LeaderFollowers
 from .limits import NegotiationExpired
@@ -265,7 +266,7 @@ class Connection(object):
         self.receive_into_file = None if engine.can_submit() else getattr(
             self.channel, "receive_into_file", None)
         threads = self.settings.threads
-        self.buffers = WriteBuffers(
+        self.buffers = BufferPool(
             max(4, threads * ASYNC_REQUESTS_PER_THREAD)
             if engine.can_submit() else 4)
         self.header = memoryview(bytearray(nbd.REQUEST_SIZE))

@@ -394,13 +394,16 @@ class AsyncWindow(object):
                 for request, error, data in batch:
                     buffers += commands.completed(request, error, data)
                 self._send(buffers)
+                del buffers
+                for request, _, data in batch:
+                    commands.sent(request, data)
             except BaseException as exc:
                 # A bug, not the client (send() copes with that): end the
                 # connection, but keep freeing room so the reader can end.
                 if self._failure is None:
                     self._failure = exc
                     self._stop()
-            del buffers
+            buffers = None
             self._release(len(batch),
                           sum(request.length for request, _, _ in batch))
 

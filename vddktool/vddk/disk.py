@@ -19,6 +19,7 @@ import itertools
 import threading
 
 from .. import log
+from ..buffers import BufferPool
 from ..engine import (EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, FUA_EMULATE,
                       MAX_REQUEST_SIZE, PARALLEL, Engine, EngineError,
                       Extent)
@@ -32,6 +33,10 @@ OPEN_CLOSE_LOCK = threading.Lock()
 SECTOR = abi.SECTOR_SIZE
 CHUNK_SECTORS = abi.MIN_CHUNK_SIZE
 MAX_SECTORS_PER_QUERY = abi.MAX_CHUNK_NUMBER * CHUNK_SECTORS
+
+# Spare read buffers per connection: enough for a window of reads in
+# flight (the pool also caps their bytes).
+READ_BUFFERS_KEPT = 64
 
 
 # ---------------------------------------------------------------------------
@@ -147,6 +152,8 @@ class VddkEngine(Engine):
         self._datapath_debug = (log.verbose() and
                                 log.debug_flag("vddk.datapath", 1))
         self._timed = bool(log.debug_flag("vddk.stats"))
+        # Read buffers the server has sent and given back (recycle).
+        self._read_buffers = BufferPool(READ_BUFFERS_KEPT)
 
     def _call(self, function, *args):
         """A checked call on this handle (raises VddkError)."""
@@ -254,7 +261,7 @@ class VddkEngine(Engine):
         except EngineError as exc:
             done(exc, None)
             return
-        buffer = bytearray(count)
+        buffer = self._read_buffers.get(count)
         if count:
             self._start("ReadAsync", buffer, count, offset, done)
         else:
@@ -273,6 +280,10 @@ class VddkEngine(Engine):
             self._start("WriteAsync", buf, count, offset, done)
         else:
             done(None, None)
+
+    def recycle(self, data):
+        if type(data) is bytearray:
+            self._read_buffers.give_back(data)
 
     def pread(self, count, offset, flags=0):
         return _wait_for(self.submit_pread, count, offset, flags)
