@@ -41,6 +41,38 @@ def test_one_connection_keeps_many_reads_in_flight(fake_vddk, start_server,
     assert most_in_flight(calls) >= 8
 
 
+def test_completions_from_a_few_long_lived_threads(fake_vddk, start_server,
+                                                    tmp_path):
+    """As VDDK's own background threads deliver them: the fake's pool
+    keeps the pause (counted from each submit), so requests still
+    overlap and finish out of order."""
+    fake_vddk.env["FAKE_VDDK_RECORD_COMPLETIONS"] = "1"
+    fake_vddk.env["FAKE_VDDK_COMPLETION_THREADS"] = "3"
+    data = pattern(8 * MiB)
+    disk = fake_vddk.local_disk(size=8 * MiB, data=data)
+    server = serve(start_server, fake_vddk, disk)
+    out = str(tmp_path / "copy.raw")
+    run([need("nbdcopy"), "--connections=1", "--requests=32",
+         "--request-size=65536", server.uri, out])
+    source = str(tmp_path / "source.raw")
+    with open(source, "wb") as f:
+        f.write(pattern(8 * MiB)[::-1])
+    run([need("nbdcopy"), "--connections=1", "--requests=32",
+         "--request-size=65536", source, server.uri])
+    with open(out, "rb") as f:
+        assert f.read() == data
+    with open(disk, "rb") as f:
+        assert f.read() == pattern(8 * MiB)[::-1]
+    calls = fake_vddk.calls()
+    completed = [c for c in calls if c.name == "Completed"]
+    assert len(completed) == 256
+    assert len(set(c["thread"] for c in completed)) <= 3
+    assert most_in_flight(calls) >= 8
+    sectors = [c.number("sector") for c in completed
+               if c["op"] == "ReadAsync"]
+    assert sectors != sorted(sectors)
+
+
 def test_no_two_threads_enter_one_handle(fake_vddk, start_server, tmp_path):
     # Each call on a handle lasts 200 us longer: long enough for an
     # overlap between the submitting thread and a flush, block status or

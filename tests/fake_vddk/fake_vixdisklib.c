@@ -165,6 +165,8 @@ struct async_request {
   unsigned char *buf;
   CompletionFunc *done;
   void *data;
+  struct timespec due;           /* when the pool may run it */
+  struct async_request *next;    /* the pool's queue, by due time */
 };
 
 static LogFunc *log_fn, *warn_fn, *panic_fn;
@@ -926,27 +928,29 @@ max_async_delay_us (void)
   return us >= 1 && us <= 999999 ? us : 2000;
 }
 
-/* Each async request runs on its own thread after a short random pause,
- * so completions come back out of order, as they can with VDDK. */
-static void *
-run_async (void *arg)
+/* The random pause of one async request, in nanoseconds. */
+static long
+async_pause_ns (struct async_request *req)
 {
-  struct async_request *req = arg;
-  struct handle *h = req->h;
-  struct timespec pause;
-  VixError err;
   unsigned seed = (unsigned) (uintptr_t) req ^ (unsigned) req->sector;
 
-  pause.tv_sec = 0;
-  pause.tv_nsec = rand_r (&seed) % max_async_delay_us () * 1000;
-  nanosleep (&pause, NULL);
+  return (long) (rand_r (&seed) % max_async_delay_us ()) * 1000;
+}
+
+/* Do an async request, call its callback, and count it done. */
+static void
+complete_async (struct async_request *req)
+{
+  struct handle *h = req->h;
+  VixError err;
 
   err = transfer (h, req->is_write, req->sector, req->count, req->buf);
   if (env_value ("FAKE_VDDK_RECORD_COMPLETIONS"))
-    record ("Completed op=%s sector=%llu count=%llu",
+    record ("Completed op=%s sector=%llu count=%llu thread=%lu",
             req->is_write ? "WriteAsync" : "ReadAsync",
             (unsigned long long) req->sector,
-            (unsigned long long) req->count);
+            (unsigned long long) req->count,
+            (unsigned long) pthread_self ());
   if (req->done)
     req->done (req->data, err);
   free (req);
@@ -955,7 +959,115 @@ run_async (void *arg)
   if (--h->pending == 0)
     pthread_cond_broadcast (&h->idle);
   pthread_mutex_unlock (&h->lock);
+}
+
+/* By default each async request runs on a thread of its own after a
+ * short random pause, so completions come back out of order, as they
+ * can with VDDK. */
+static void *
+run_async (void *arg)
+{
+  struct async_request *req = arg;
+  struct timespec pause;
+
+  pause.tv_sec = 0;
+  pause.tv_nsec = async_pause_ns (req);
+  nanosleep (&pause, NULL);
+  complete_async (req);
   return NULL;
+}
+
+/* With $FAKE_VDDK_COMPLETION_THREADS=N (1 to 256), as real VDDK does
+ * with the background threads it starts, N long-lived threads run the
+ * requests instead, each when its pause (counted from the submit) is
+ * over: the latency is the same, but callbacks come from a few threads
+ * that live on, not from a new thread each time. */
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_work = PTHREAD_COND_INITIALIZER;
+static struct async_request *pool_queue;
+static int pool_threads;
+
+static int
+completion_threads (void)
+{
+  const char *v = env_value ("FAKE_VDDK_COMPLETION_THREADS");
+  long n = v ? strtol (v, NULL, 10) : 0;
+
+  return n >= 1 && n <= 256 ? (int) n : 0;
+}
+
+static int
+earlier (const struct timespec *a, const struct timespec *b)
+{
+  return a->tv_sec < b->tv_sec ||
+    (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
+}
+
+static void *
+pool_worker (void *arg)
+{
+  struct timespec now;
+
+  (void) arg;
+  pthread_mutex_lock (&pool_lock);
+  for (;;) {
+    struct async_request *req = pool_queue;
+
+    if (req == NULL) {
+      pthread_cond_wait (&pool_work, &pool_lock);
+      continue;
+    }
+    clock_gettime (CLOCK_REALTIME, &now);
+    if (earlier (&now, &req->due)) {
+      pthread_cond_timedwait (&pool_work, &pool_lock, &req->due);
+      continue;
+    }
+    pool_queue = req->next;
+    if (pool_queue != NULL)
+      pthread_cond_signal (&pool_work);  /* the next one may be due too */
+    pthread_mutex_unlock (&pool_lock);
+    complete_async (req);
+    pthread_mutex_lock (&pool_lock);
+  }
+  return NULL;
+}
+
+/* Queue a request for the pool, starting its threads on first use (not
+ * in InitEx: a test may fork after it). */
+static int
+pool_submit (struct async_request *req, int threads)
+{
+  struct async_request **at;
+  long pause_ns = async_pause_ns (req);
+  int r = 0;
+
+  clock_gettime (CLOCK_REALTIME, &req->due);
+  req->due.tv_nsec += pause_ns;
+  if (req->due.tv_nsec >= 1000000000) {
+    req->due.tv_sec += 1;
+    req->due.tv_nsec -= 1000000000;
+  }
+  pthread_mutex_lock (&pool_lock);
+  while (pool_threads < threads && r == 0) {
+    pthread_t thread;
+
+    r = pthread_create (&thread, NULL, pool_worker, NULL);
+    if (r == 0) {
+      pthread_detach (thread);
+      pool_threads++;
+    }
+  }
+  if (r == 0 || pool_threads > 0) {
+    for (at = &pool_queue; *at && !earlier (&req->due, &(*at)->due);
+         at = &(*at)->next)
+      ;
+    req->next = *at;
+    *at = req;
+    pthread_cond_signal (&pool_work);
+    r = 0;
+  }
+  pthread_mutex_unlock (&pool_lock);
+  return r;
 }
 
 static VixError
@@ -966,6 +1078,7 @@ submit_async (struct handle *h, int is_write, uint64_t sector,
   struct async_request *req;
   pthread_attr_t attr;
   pthread_t thread;
+  int threads = completion_threads ();
   int r;
 
   if (h == NULL || buf == NULL)
@@ -982,10 +1095,15 @@ submit_async (struct handle *h, int is_write, uint64_t sector,
   h->pending++;
   pthread_mutex_unlock (&h->lock);
 
-  pthread_attr_init (&attr);
-  pthread_attr_setdetachstate (&attr, PTHREAD_CREATE_DETACHED);
-  r = pthread_create (&thread, &attr, run_async, req);
-  pthread_attr_destroy (&attr);
+  if (threads) {
+    r = pool_submit (req, threads);
+  }
+  else {
+    pthread_attr_init (&attr);
+    pthread_attr_setdetachstate (&attr, PTHREAD_CREATE_DETACHED);
+    r = pthread_create (&thread, &attr, run_async, req);
+    pthread_attr_destroy (&attr);
+  }
   if (r != 0) {
     free (req);
     pthread_mutex_lock (&h->lock);

@@ -26,6 +26,10 @@ What the environment does (see fake_vixdisklib.c):
   FAKE_VDDK_ASYNC_DELAY_US=N   async requests wait up to N us (default
                                2000) before running, so they finish out
                                of order
+  FAKE_VDDK_COMPLETION_THREADS=N  N long-lived threads (1-256) run async
+                               requests and call back, as VDDK's own
+                               background threads do; by default each
+                               request gets a new thread
   FAKE_VDDK_HANDLE_PAUSE_US=N  every call on a handle lasts N us longer,
                                so that two threads inside one handle at
                                once (VDDK forbids it) are caught: each such
@@ -70,8 +74,9 @@ RECORD_FIELDS = {
     "Overlap": ("call",),
     # A call on a handle entered while another call was inside it.
     "HandleOverlap": ("call",),
-    # An async request done (FAKE_VDDK_RECORD_COMPLETIONS=1).
-    "Completed": ("op", "sector", "count"),
+    # An async request done (FAKE_VDDK_RECORD_COMPLETIONS=1), and the
+    # thread that called back.
+    "Completed": ("op", "sector", "count", "thread"),
 }
 
 # Values may hold spaces ("[ds] dir/f.vmdk"), so each call's line is
