@@ -181,3 +181,97 @@ def test_a_filter_that_changes_reads_keeps_requests_overlapping(
     with open(out, "rb") as f:
         assert f.read() == data
     assert most_in_flight(fake_vddk.calls()) >= 4
+
+
+def read_async_rounds(session, completions, handle, rounds, per_round=32):
+    """ReadAsync of 4 KiB pieces through ``completions``, a round at a
+    time; the data each piece read."""
+    from vddktool.vddk import disk as vddk_disk
+    read = session.lib.functions["ReadAsync"]
+    pieces = []
+    for _ in range(rounds):
+        finished = threading.Semaphore(0)
+        got = {}
+
+        def done(error, data, index):
+            got[index] = (error, bytes(data or b""))
+            finished.release()
+        for index in range(per_round):
+            buffer = bytearray(4096)
+            array = vddk_disk._ctypes_view(buffer, 4096)
+            transfer = vddk_disk._Transfer(
+                session.lib, "ReadAsync", 4096, buffer, array,
+                lambda error, data, index=index: done(error, data, index),
+                False)
+            request = completions.add(transfer)
+            assert read(handle, index * 8, 8, array, completions.callback,
+                        request) == 25000      # VIX_ASYNC
+        for _ in range(per_round):
+            finished.acquire()
+        pieces += [got[index] for index in range(per_round)]
+    return pieces
+
+
+def test_long_lived_completion_threads_keep_their_thread_state(
+        session, fake_vddk, monkeypatch):
+    """On 3.11+ a callback thread seen twice keeps its Python thread
+    state (see vddk/threadstates.py); the fake's pool has 2 threads."""
+    from vddktool.vddk import disk as vddk_disk, threadstates
+    monkeypatch.setenv("FAKE_VDDK_COMPLETION_THREADS", "2")
+    data = pattern(MiB)
+    connection = session.connect()
+    handle = session.open(connection, fake_vddk.local_disk(size=MiB,
+                                                           data=data))
+    completions = vddk_disk.AsyncCompletions()
+    try:
+        pieces = read_async_rounds(session, completions, handle, 3)
+    finally:
+        session.lib.check("Close", handle)
+        session.lib.check("Disconnect", connection)
+        session.lib.call("Exit")    # which ends the fake's pool threads
+    assert pieces == [(None, data[i * 4096:(i + 1) * 4096])
+                      for i in range(32)] * 3
+    if threadstates.WORTH_KEEPING:
+        assert 1 <= completions.thread_states.kept() <= 2
+    else:
+        assert completions.thread_states is None
+
+
+def test_a_new_thread_per_completion_keeps_nothing(session, fake_vddk):
+    from vddktool.vddk import disk as vddk_disk
+    data = pattern(MiB)
+    connection = session.connect()
+    handle = session.open(connection, fake_vddk.local_disk(size=MiB,
+                                                           data=data))
+    completions = vddk_disk.AsyncCompletions()
+    pieces = read_async_rounds(session, completions, handle, 2)
+    session.lib.check("Close", handle)
+    session.lib.check("Disconnect", connection)
+    assert pieces == [(None, data[i * 4096:(i + 1) * 4096])
+                      for i in range(32)] * 2
+    if completions.thread_states is not None:
+        assert completions.thread_states.kept() == 0
+
+
+def test_thread_states_kept_are_bounded(monkeypatch):
+    from vddktool.vddk import threadstates
+    monkeypatch.setattr(threadstates, "MAX_KEPT", 2)
+    states = threadstates.ThreadStates()
+    ensured = []
+    states._ensure = lambda: ensured.append(threading.get_ident())
+
+    # All alive at once, so no two share an identity.
+    together = threading.Barrier(5)
+
+    def twice():
+        together.wait()
+        states.note()
+        states.note()
+        together.wait()
+    threads = [threading.Thread(target=twice) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    states.note()           # this thread: seen once, not kept
+    assert states.kept() == 2 and len(ensured) == 2

@@ -382,10 +382,13 @@ VixDiskLib_InitEx (uint32_t major, uint32_t minor,
   return VIX_OK;
 }
 
+static void stop_pool (void);
+
 EXPORT void
 VixDiskLib_Exit (void)
 {
   record ("Exit");
+  stop_pool ();
   initialized = 0;
   log_fn = warn_fn = panic_fn = NULL;
 }
@@ -985,7 +988,9 @@ run_async (void *arg)
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t pool_work = PTHREAD_COND_INITIALIZER;
 static struct async_request *pool_queue;
+static pthread_t pool_ids[256];
 static int pool_threads;
+static int pool_stopping;
 
 static int
 completion_threads (void)
@@ -1014,6 +1019,8 @@ pool_worker (void *arg)
     struct async_request *req = pool_queue;
 
     if (req == NULL) {
+      if (pool_stopping)
+        break;
       pthread_cond_wait (&pool_work, &pool_lock);
       continue;
     }
@@ -1029,7 +1036,28 @@ pool_worker (void *arg)
     complete_async (req);
     pthread_mutex_lock (&pool_lock);
   }
+  pthread_mutex_unlock (&pool_lock);
   return NULL;
+}
+
+/* Exit, as VDDK's does with its background threads: the pool's threads
+ * finish what is queued and end. */
+static void
+stop_pool (void)
+{
+  int i, n;
+
+  pthread_mutex_lock (&pool_lock);
+  pool_stopping = 1;
+  pthread_cond_broadcast (&pool_work);
+  n = pool_threads;
+  pthread_mutex_unlock (&pool_lock);
+  for (i = 0; i < n; i++)
+    pthread_join (pool_ids[i], NULL);
+  pthread_mutex_lock (&pool_lock);
+  pool_threads = 0;
+  pool_stopping = 0;
+  pthread_mutex_unlock (&pool_lock);
 }
 
 /* Queue a request for the pool, starting its threads on first use (not
@@ -1049,13 +1077,9 @@ pool_submit (struct async_request *req, int threads)
   }
   pthread_mutex_lock (&pool_lock);
   while (pool_threads < threads && r == 0) {
-    pthread_t thread;
-
-    r = pthread_create (&thread, NULL, pool_worker, NULL);
-    if (r == 0) {
-      pthread_detach (thread);
+    r = pthread_create (&pool_ids[pool_threads], NULL, pool_worker, NULL);
+    if (r == 0)
       pool_threads++;
-    }
   }
   if (r == 0 || pool_threads > 0) {
     for (at = &pool_queue; *at && !earlier (&req->due, &(*at)->due);

@@ -7,10 +7,10 @@ import threading
 from .. import log
 from .. import protocol as nbd
 from ..protocol import CMD_DISC, CMD_WRITE, Request, validate_request
+from ..buffers import BufferPool
 from ..engine import MAX_REQUEST_SIZE, PARALLEL, EngineError
 from ..layers import SerializedEngine
 from .channels import FileSendError
-from ..buffers import BufferPool
 from .commands import SMALL_FILE_RANGE, Commands, Written
 from .splice import FileWriteFailed
 from .dispatch import AsyncWindow, LeaderFollowers
@@ -381,13 +381,13 @@ class Connection(object):
             if admit is not None:
                 admit(request)
             if command == CMD_WRITE:
-                written = self._write_into_file(request)
-                if written is None:
+                # Written (it went straight into the file), or a buffer.
+                payload = self._write_into_file(request)
+                if payload is None:
                     payload = self.buffers.get(length)
                     if length and not read_into(memoryview(payload)):
                         return None
-                    written = payload
-                elif written is False:
+                elif payload is False:
                     return None
-                request.payload = written
+                request.payload = payload
             return request

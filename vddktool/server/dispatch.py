@@ -142,8 +142,7 @@ class LeaderFollowers(object):
                     self._hand_over()
                 if self._leader is me:
                     self._busy_since = started
-                    standby = self._standby
-                    if standby is None:
+                    if self._standby is None:
                         if self._waiting:
                             self._changed.notify()  # a follower stands by
                         else:

@@ -26,6 +26,7 @@ from ..engine import (EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, FUA_EMULATE,
 from . import abi
 from .library import PREFIX
 from .stats import STATS, now
+from .threadstates import WORTH_KEEPING, ThreadStates
 
 # VDDK's Open and Close are not thread-safe: one at a time, process-wide.
 OPEN_CLOSE_LOCK = threading.Lock()
@@ -80,6 +81,7 @@ class AsyncCompletions(object):
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._pending = {}
+        self.thread_states = ThreadStates() if WORTH_KEEPING else None
         self.callback = abi.CompletionFunc(self._completed)
 
     def add(self, transfer):
@@ -98,6 +100,8 @@ class AsyncCompletions(object):
 
     def _completed(self, data, result):
         # On one of VDDK's threads: hand over and return.
+        if self.thread_states is not None:
+            self.thread_states.note()
         transfer = self.forget(data)
         if transfer is not None:
             transfer.finish(result)
