@@ -88,6 +88,25 @@ def test_after_a_spliced_payload_the_next_header_is_read_alone(pair,
     assert data[512 * KiB:512 * KiB + len(second)] == second
 
 
+def test_after_a_large_payload_read_into_memory_the_header_is_read_alone(
+        pair):
+    """The same where the payload goes into a buffer (VDDK's writes, TLS
+    aside): the next payload then arrives in one receive, not partly in
+    the read-ahead, copied out of it."""
+    channel, client = pair
+    first, second = os.urandom(100 * KiB), os.urandom(64 * KiB)
+    client.sendall(b"1" * 28 + first + b"2" * 28 + second + b"3" * 28)
+    header = memoryview(bytearray(28))
+    assert channel.read_into(header)
+    payload = memoryview(bytearray(len(first)))
+    assert channel.read_into(payload) and bytes(payload) == first
+    assert channel.read_into(header) and bytes(header) == b"2" * 28
+    assert channel.buffered(1) is None
+    payload = memoryview(bytearray(len(second)))
+    assert channel.read_into(payload) and bytes(payload) == second
+    assert channel.read_into(header) and bytes(header) == b"3" * 28
+
+
 def test_a_client_gone_mid_payload_is_the_end_of_the_stream(pair,
                                                             tmp_path):
     channel, client = pair

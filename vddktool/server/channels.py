@@ -60,9 +60,10 @@ class SocketChannel(object):
         self._sendmsg = sock.sendmsg
         self._buffer = memoryview(bytearray(self.BUFFER_SIZE))
         self._start = self._end = 0
-        # Set once a payload went into a file: the next read takes only
-        # the header it asks for, so the payload after it is not pulled
-        # into Python but spliced whole.
+        # Set after a large payload (received directly, or spliced into
+        # a file): the next read takes only the header it asks for, so
+        # the payload after it is not read ahead into this buffer (and
+        # copied out again, or written from Python) but taken whole.
         self._exact = False
         self._splicer = None
         if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -81,8 +82,11 @@ class SocketChannel(object):
         if buffered:
             view[:buffered] = self._buffer[start:self._end]
         self._start = self._end = 0
-        if self._exact or wanted - buffered > self.BUFFER_SIZE // 2:
+        if self._exact:
             self._exact = False
+            return self._recv_all(view[buffered:])
+        if wanted - buffered > self.BUFFER_SIZE // 2:
+            self._exact = True
             return self._recv_all(view[buffered:])
         got = buffered
         while got < wanted:
