@@ -204,3 +204,18 @@ def settles_at(pid, expected, timeout=30):
         if now == expected or time.time() > deadline:
             return now
         time.sleep(0.05)
+
+
+@pytest.fixture
+def spliced_moves(monkeypatch):
+    """The sizes of the payloads the server moves into files with
+    splice(2), in order (server/splice.py's Splicer.move, counted)."""
+    from vddktool.server import splice as splice_module
+    moves = []
+    real_move = splice_module.Splicer.move
+
+    def counting_move(self, fd, offset, count):
+        moves.append(count)
+        return real_move(self, fd, offset, count)
+    monkeypatch.setattr(splice_module.Splicer, "move", counting_move)
+    return moves

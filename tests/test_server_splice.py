@@ -156,15 +156,9 @@ def test_only_a_stack_that_leaves_writes_alone_offers_a_target():
 
 
 def test_nbdcopy_into_a_flat_vmdk_moves_payloads_by_splice(tmp_path,
-                                                          monkeypatch):
+                                                          spliced_moves):
     from vddktool.vmdk.backend import NativeBackend
-    moves = []
-    real_move = splice_module.Splicer.move
-
-    def counting_move(self, fd, offset, count):
-        moves.append(count)
-        return real_move(self, fd, offset, count)
-    monkeypatch.setattr(splice_module.Splicer, "move", counting_move)
+    moves = spliced_moves
     (tmp_path / "disk-flat.vmdk").write_bytes(bytes(8 * MiB))
     path = str(tmp_path / "disk.vmdk")
     write_descriptor(path, "monolithicFlat",

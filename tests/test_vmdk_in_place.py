@@ -12,7 +12,6 @@ import pytest
 
 from conftest import CLIENT_ENV, need, run
 from inprocess import serving
-from vddktool.server import splice as splice_module
 from vddktool.vmdk import sparse as sparse_module
 from vddktool.vmdk.disk import Disk
 from vddktool.vmdk.sparse import SparseExtent
@@ -142,15 +141,9 @@ def test_a_table_read_without_the_lock_never_replaces_a_writers(sparse,
 
 
 def test_nbdcopy_into_written_sparse_grains_moves_payloads_by_splice(
-        tmp_path, monkeypatch):
+        tmp_path, spliced_moves):
     from vddktool.vmdk.backend import NativeBackend
-    moves = []
-    real_move = splice_module.Splicer.move
-
-    def counting_move(self, fd, offset, count):
-        moves.append(count)
-        return real_move(self, fd, offset, count)
-    monkeypatch.setattr(splice_module.Splicer, "move", counting_move)
+    moves = spliced_moves
     path = tmp_path / "disk.vmdk"
     qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=monolithicSparse",
              path, "8M")
