@@ -65,6 +65,7 @@ class LaterEngine(Engine):
 
     def _later(self, done, error, data, count, event=None):
         def finish():
+            self.backend.wait_for_gate()
             self.backend.finished(count, event)
             done(error, data)
         timer = threading.Timer(random.uniform(self.backend.min_pause,
@@ -87,8 +88,17 @@ class LaterEngine(Engine):
 
 
 class LaterBackend(Backend):
-    def __init__(self, max_pause=0.005, min_pause=0.0):
+    """gate=N holds every completion until N requests have been in flight
+    at once (or ten seconds have passed), so a test that asserts overlap
+    does not depend on how fast a loaded machine submits: a server that
+    serves one request at a time still fails, only ten seconds later."""
+
+    def __init__(self, max_pause=0.005, min_pause=0.0, gate=0):
         super().__init__({})
+        self.gate = gate
+        self.gate_open = threading.Event()
+        if gate <= 1:
+            self.gate_open.set()
         self.min_pause = min_pause
         self.max_pause = max_pause
         self.zeros = False          # read zeros, not the pattern
@@ -109,6 +119,11 @@ class LaterBackend(Backend):
             self.in_flight_bytes += count
             self.most = max(self.most, self.in_flight)
             self.most_bytes = max(self.most_bytes, self.in_flight_bytes)
+            if self.in_flight >= self.gate:
+                self.gate_open.set()
+
+    def wait_for_gate(self):
+        self.gate_open.wait(10)
 
     def finished(self, count, event):
         with self.lock:
@@ -143,7 +158,7 @@ print(json.dumps([bytes(b.to_bytearray()).hex() for b in bufs]))
 
 
 def test_many_reads_in_flight_each_reply_with_its_own_data(tmp_path):
-    backend = LaterBackend()
+    backend = LaterBackend(gate=8)
     with serving(backend, tmp_path) as uri:
         replies = nbdsh_json(READ_MANY % (uri, 4096, 64))
     assert [bytes.fromhex(r) for r in replies] == [
@@ -193,7 +208,7 @@ def test_read_buffers_go_back_to_the_engine_once_their_reply_is_sent(
 
 
 def test_window_holds_requests_in_flight_to_four_per_thread(tmp_path):
-    backend = LaterBackend()
+    backend = LaterBackend(gate=2)
     with serving(backend, tmp_path, threads=2) as uri:
         replies = nbdsh_json(READ_MANY % (uri, 512, 64))
     assert len(replies) == 64
