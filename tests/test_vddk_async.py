@@ -2,10 +2,14 @@
 library: many ReadAsync/WriteAsync in flight on one connection, one
 thread at a time inside a handle, FLUSH after the writes it covers."""
 
+import ctypes
 import threading
+
+import pytest
 
 from conftest import need, run
 from fake_vddk.fixtures import fake_vddk, session  # noqa: F401 (fixtures)
+from test_vddk_engine import backend_for, steer  # noqa: F401 (fixtures)
 from test_vddk_serve import nbdsh, pattern, serve
 
 MiB = 1024 * 1024
@@ -183,95 +187,92 @@ def test_a_filter_that_changes_reads_keeps_requests_overlapping(
     assert most_in_flight(fake_vddk.calls()) >= 4
 
 
-def read_async_rounds(session, completions, handle, rounds, per_round=32):
-    """ReadAsync of 4 KiB pieces through ``completions``, a round at a
-    time; the data each piece read."""
-    from vddktool.vddk import disk as vddk_disk
+def read_async(session, callback, handle, count, sectors=8):
+    """ReadAsync of ``count`` pieces of ``sectors`` each through
+    ``callback``; their buffers, by the number passed as data."""
+    from vddktool.vddk import abi
     read = session.lib.functions["ReadAsync"]
-    pieces = []
-    for _ in range(rounds):
-        finished = threading.Semaphore(0)
-        got = {}
-
-        def done(error, data, index):
-            got[index] = (error, bytes(data or b""))
-            finished.release()
-        for index in range(per_round):
-            buffer = bytearray(4096)
-            array = vddk_disk._ctypes_view(buffer, 4096)
-            transfer = vddk_disk._Transfer(
-                session.lib, "ReadAsync", 4096, buffer, array,
-                lambda error, data, index=index: done(error, data, index),
-                False)
-            request = completions.add(transfer)
-            assert read(handle, index * 8, 8, array, completions.callback,
-                        request) == 25000      # VIX_ASYNC
-        for _ in range(per_round):
-            finished.acquire()
-        pieces += [got[index] for index in range(per_round)]
-    return pieces
+    buffers = {}
+    for index in range(count):
+        number = 1000 + index
+        buffers[number] = bytearray(sectors * 512)
+        array = (ctypes.c_uint8 * (sectors * 512)).from_buffer(
+            buffers[number])
+        assert read(handle, index * sectors, sectors, array, callback,
+                    number) == abi.VIX_ASYNC
+    return buffers
 
 
-def test_long_lived_completion_threads_keep_their_thread_state(
-        session, fake_vddk, monkeypatch):
-    """On 3.11+ a callback thread seen twice keeps its Python thread
-    state (see vddk/threadstates.py); the fake's pool has 2 threads."""
-    from vddktool.vddk import disk as vddk_disk, threadstates
-    monkeypatch.setenv("FAKE_VDDK_COMPLETION_THREADS", "2")
+@pytest.mark.parametrize("pool", ["", "2"])
+def test_queued_completions_carry_data_and_result(session, fake_vddk,
+                                                  monkeypatch, pool):
+    """VDDK's callback only queues: what arrives is the data and result
+    VDDK passed (a failed read's error too), from its own threads, with
+    a new thread per request or from long-lived ones."""
+    from vddktool.vddk import abi, completions
+    monkeypatch.setenv("FAKE_VDDK_COMPLETION_THREADS", pool)
+    monkeypatch.setenv("FAKE_VDDK_FAIL_READ_AT", str(5 * 4096))
     data = pattern(MiB)
     connection = session.connect()
     handle = session.open(connection, fake_vddk.local_disk(size=MiB,
                                                            data=data))
-    completions = vddk_disk.AsyncCompletions()
+    arrived = completions.Queue()
+    callback = completions.QueueingCallback(arrived.put)
     try:
-        pieces = read_async_rounds(session, completions, handle, 3)
+        buffers = read_async(session, callback.pointer, handle, 32)
+        session.lib.check("Wait", handle)
     finally:
         session.lib.check("Close", handle)
         session.lib.check("Disconnect", connection)
         session.lib.call("Exit")    # which ends the fake's pool threads
-    assert pieces == [(None, data[i * 4096:(i + 1) * 4096])
-                      for i in range(32)] * 3
-    if threadstates.WORTH_KEEPING:
-        assert 1 <= completions.thread_states.kept() <= 2
-    else:
-        assert completions.thread_states is None
+    queued = [arrived.get(timeout=10) for _ in range(32)]
+    assert arrived.empty()
+    assert all(type(item) is completions.QueuedCompletion for item in queued)
+    results = dict((item.data, item.result) for item in queued)
+    assert sorted(results) == sorted(buffers)
+    assert results.pop(1005) not in (abi.VIX_OK, abi.VIX_ASYNC)
+    assert set(results.values()) == {abi.VIX_OK}
+    for number in results:
+        index = number - 1000
+        assert buffers[number] == data[index * 4096:(index + 1) * 4096]
 
 
-def test_a_new_thread_per_completion_keeps_nothing(session, fake_vddk):
-    from vddktool.vddk import disk as vddk_disk
-    data = pattern(MiB)
-    connection = session.connect()
-    handle = session.open(connection, fake_vddk.local_disk(size=MiB,
-                                                           data=data))
-    completions = vddk_disk.AsyncCompletions()
-    pieces = read_async_rounds(session, completions, handle, 2)
-    session.lib.check("Close", handle)
-    session.lib.check("Disconnect", connection)
-    assert pieces == [(None, data[i * 4096:(i + 1) * 4096])
-                      for i in range(32)] * 2
-    if completions.thread_states is not None:
-        assert completions.thread_states.kept() == 0
+def test_a_queued_completion_finishes_its_transfer_once(session):
+    from vddktool.vddk import abi, completions
+    finished = []
+    buffer = bytearray(512)
+    number = completions.start(completions.Transfer(
+        session.lib, "ReadAsync", 512, buffer, None,
+        lambda error, data: finished.append((error, data)), False))
+    completions.QueuedCompletion(number, abi.VIX_OK).run()
+    completions.QueuedCompletion(number, abi.VIX_OK).run()  # a stray one
+    assert finished == [(None, buffer)]
+    assert completions.forget(number) is None
 
 
-def test_thread_states_kept_are_bounded(monkeypatch):
-    from vddktool.vddk import threadstates
-    monkeypatch.setattr(threadstates, "MAX_KEPT", 2)
-    states = threadstates.ThreadStates()
-    ensured = []
-    states._ensure = lambda: ensured.append(threading.get_ident())
+def test_submitted_requests_finish_on_the_sender_thread(
+        fake_vddk, backend_for, tmp_path, monkeypatch):
+    """Served in-process: every transfer of an nbdcopy in both
+    directions is finished by a connection's sender, none on VDDK's
+    threads (no Python code runs there)."""
+    from inprocess import serving
+    from vddktool.vddk import completions
+    threads = []
+    finish = completions.Transfer.finish
 
-    # All alive at once, so no two share an identity.
-    together = threading.Barrier(5)
-
-    def twice():
-        together.wait()
-        states.note()
-        states.note()
-        together.wait()
-    threads = [threading.Thread(target=twice) for _ in range(5)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    states.note()           # this thread: seen once, not kept
-    assert states.kept() == 2 and len(ensured) == 2
+    def noting(transfer, result):
+        threads.append(threading.current_thread().name)
+        finish(transfer, result)
+    monkeypatch.setattr(completions.Transfer, "finish", noting)
+    data = pattern(4 * MiB)
+    disk = fake_vddk.local_disk(size=4 * MiB, data=data)
+    with serving(backend_for(fake_vddk, file=disk), tmp_path) as uri:
+        out = str(tmp_path / "copy.raw")
+        run([need("nbdcopy"), "--requests=16", "--request-size=65536",
+             uri, out])
+        run([need("nbdcopy"), "--requests=16", "--request-size=65536",
+             out, uri])
+    with open(out, "rb") as f:
+        assert f.read() == data
+    assert len(threads) >= 2 * 64
+    assert set(threads) == {"nbd-sender"}

@@ -16,7 +16,7 @@ from vddktool import log, params
 from vddktool.engine import EXTENT_HOLE, EXTENT_ZERO, FLAG_FUA, EngineError
 from vddktool.vddk import abi
 from vddktool.vddk.backend import VddkBackend
-from vddktool.vddk.disk import COMPLETIONS
+from vddktool.vddk import completions
 from vddktool.vddk.stats import STATS
 
 MiB = 1024 * 1024
@@ -171,11 +171,11 @@ def test_requests_of_one_engine_are_in_flight_together(
         thread.start()
     most = 0
     while any(thread.is_alive() for thread in threads):
-        most = max(most, COMPLETIONS.in_flight())
+        most = max(most, completions.in_flight())
     for thread in threads:
         thread.join()
     assert most >= 2
-    assert COMPLETIONS.in_flight() == 0
+    assert completions.in_flight() == 0
 
 
 def test_read_fault_is_eio_with_vddk_text_and_next_read_works(

@@ -292,6 +292,15 @@ class Engine(object):
     def submit_pwrite(self, buf, offset, flags, done):
         raise NotImplementedError
 
+    def complete_on(self, put):
+        """The server's offer, made before the first submit: ``put(item)``
+        queues ``item`` for the connection's sender thread, which calls
+        ``item.run()`` there (and must not be kept waiting by it).  An
+        engine whose completions arrive on a library's threads may queue
+        them unfinished this way, so that all the library's callback does
+        is queue; ``run`` then calls ``done``.  Engines that call ``done``
+        themselves ignore it."""
+
     def recycle(self, data):
         """The server has sent ``data``, which a submit_pread gave to
         done(), and holds it no more: an engine that allocated it may

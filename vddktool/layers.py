@@ -22,7 +22,8 @@ _FORWARDED_CALLS = ("get_size", "block_size", "can_write", "can_flush",
                     "can_extents", "can_cache", "can_multi_conn",
                     "is_rotational", "is_latency_bound", "pwrite", "flush",
                     "trim", "zero", "extents", "cache", "close",
-                    "submit_pread", "submit_pwrite", "submit_zero")
+                    "submit_pread", "submit_pwrite", "submit_zero",
+                    "complete_on")
 
 
 class FilterEngine(Engine):
@@ -159,6 +160,9 @@ class FilterEngine(Engine):
 
     def submit_zero(self, count, offset, flags, done):
         self.next.submit_zero(count, offset, flags, done)
+
+    def complete_on(self, put):
+        self.next.complete_on(put)
 
     def recycle(self, data):
         # A filter that saw the data on its way up may have kept it.

@@ -9,8 +9,8 @@ up to a window of requests and bytes in flight, while a sender thread
 encodes completions and sends them in the order they complete.
 """
 
-import collections
 import functools
+import queue
 import threading
 from time import monotonic
 
@@ -276,14 +276,17 @@ class AsyncWindow(object):
     ``max_bytes`` bytes in flight (one request always fits), which also
     bounds the memory held by payloads and read buffers.
 
-    Completions may arrive on any thread (VDDK's own): they only queue
-    the request and wake the sender thread, which encodes the replies of
-    whatever has completed and sends them in one go, then frees their
-    room in the window.  A completion thread never touches the socket,
-    so one slow client cannot hold up the library's other callbacks.  The
-    sender starts with the first request submitted and leaves once
-    nothing has been in flight for QUIET_SECONDS, so an idle client costs
-    only the thread reading it.
+    Completions may arrive on any thread (VDDK's own): they only go into
+    the connection's completion queue, which wakes the sender thread; it
+    encodes the replies of whatever has completed and sends them in one
+    go, then frees their room in the window.  A completion thread never
+    touches the socket, so one slow client cannot hold up the library's
+    other callbacks.  The engine is offered the queue itself
+    (``Engine.complete_on``): what it puts there is finished on the
+    sender thread, so a library's callback need do no more than queue.
+    The sender starts with the first request submitted and leaves once
+    nothing has been in flight for QUIET_SECONDS, so an idle client
+    costs only the thread reading it.
 
     Other commands (and long zeroes) run on the reading thread,
     synchronously, as they come.  A FLUSH, or any request with FUA, first
@@ -303,14 +306,13 @@ class AsyncWindow(object):
         self._max_bytes = max_bytes
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
-        self._work = threading.Condition(self._lock)
-        self._completed = collections.deque()
+        self._completed = CompletionQueue()
         self._requests = 0         # admitted, reply not yet sent
         self._bytes = 0
         self._admitted = None      # admitted, payload still being read
         self._sender = None        # the sender thread, while there is one
-        self._ended = False
         self._failure = None
+        commands.engine.complete_on(self._completed.put)
 
     def run(self):
         """Serve until the end of the stream, then wait for every request
@@ -321,10 +323,9 @@ class AsyncWindow(object):
             with self._lock:
                 while self._requests:
                     self._room.wait()
-                self._ended = True
-                self._work.notify()
                 sender = self._sender
             if sender is not None:
+                self._completed.put(_END)
                 sender.join()
         if self._failure is not None:
             raise self._failure
@@ -367,27 +368,42 @@ class AsyncWindow(object):
                     self._room.wait()
 
     def _complete(self, request, error, data):
-        # Called by the engine, on any thread: queue and wake, no more.
-        with self._lock:
-            self._completed.append((request, error, data))
-            if len(self._completed) == 1:
-                self._work.notify()
+        # Called by the engine, on any thread: queue, no more.
+        self._completed.put((request, error, data))
 
-    def _send_completions(self):
-        completed = self._completed
-        commands = self._commands
+    def _next_batch(self):
+        """The completions queued now (waiting for the first), with what
+        engines queued to run here run first; None when the sender should
+        leave."""
+        get, empty = self._completed.get, _Empty
         while True:
-            with self._lock:
-                while not completed and not self._ended:
-                    if not self._work.wait(self.QUIET_SECONDS) and \
-                            not completed and not self._requests:
+            try:
+                item = get(True, self.QUIET_SECONDS)
+                break
+            except empty:
+                with self._lock:
+                    if not self._requests:
                         # Quiet: leave; the next submit starts another.
                         self._sender = None
-                        return
-                if not completed:
-                    return
-                batch = list(completed)
-                completed.clear()
+                        return None
+        batch = []
+        while item is not _END:
+            if type(item) is tuple:
+                batch.append(item)
+            else:
+                item.run()  # an engine's; it queues a tuple in turn
+            try:
+                item = get(False)
+            except empty:
+                return batch
+        return batch or None
+
+    def _send_completions(self):
+        commands = self._commands
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
             buffers = []
             try:
                 for request, error, data in batch:
@@ -411,6 +427,18 @@ class AsyncWindow(object):
             self._requests -= requests
             self._bytes -= size
             self._room.notify()
+
+
+# Put last in the completion queue: the sender ends.
+_END = object()
+
+try:
+    # In C (3.7+): put and get take no Python-level lock, and put wakes
+    # the sender only when it is waiting.
+    CompletionQueue = queue.SimpleQueue
+except AttributeError:
+    CompletionQueue = queue.Queue
+_Empty = queue.Empty
 
 
 # The longest WRITE_ZEROES submitted: an engine that cannot zero writes

@@ -1,21 +1,21 @@
 """One open VDDK disk: the engine a connection reads and writes.
 
-Reads and writes go out as ReadAsync and WriteAsync and complete through
-one process-wide ctypes callback, so the server can keep many requests
-of one connection in flight (``submit_pread``/``submit_pwrite``); the
-synchronous calls are a submit and a wait.
+Reads and writes go out as ReadAsync and WriteAsync, so the server can
+keep many requests of one connection in flight (``submit_pread``/
+``submit_pwrite``); the synchronous calls are a submit and a wait.
+Their completions are queued, never finished on VDDK's threads
+(completions.py).
 
 VixDiskLib handles are not safe for concurrent calls, so every call on a
 handle holds the handle's lock.  nbdkit gets the same guarantee by
 funnelling calls through one thread per handle; in Python that thread
-would cost a GIL hand-off per request, while the lock is only held for
-the instant ReadAsync takes to queue a request.  Completions never take
-it, so a callback delivered inside a VDDK call cannot deadlock.
+costs a wake-up and a GIL hand-off per request (measured: no faster),
+while the lock is only held for the instant ReadAsync takes to queue a
+request.  Completions never take it.
 """
 
 import ctypes
 import errno
-import itertools
 import threading
 
 from .. import log
@@ -23,10 +23,8 @@ from ..buffers import BufferPool
 from ..engine import (EXTENT_HOLE, EXTENT_ZERO, FLAG_REQ_ONE, FUA_EMULATE,
                       MAX_REQUEST_SIZE, PARALLEL, Engine, EngineError,
                       Extent)
-from . import abi
+from . import abi, completions
 from .library import PREFIX
-from .stats import STATS, now
-from .threadstates import WORTH_KEEPING, ThreadStates
 
 # VDDK's Open and Close are not thread-safe: one at a time, process-wide.
 OPEN_CLOSE_LOCK = threading.Lock()
@@ -40,98 +38,22 @@ MAX_SECTORS_PER_QUERY = abi.MAX_CHUNK_NUMBER * CHUNK_SECTORS
 READ_BUFFERS_KEPT = 64
 
 
-# ---------------------------------------------------------------------------
-# asynchronous completions
-
-
-class _Transfer(object):
-    """One ReadAsync or WriteAsync in flight.  Holds the buffer and its
-    ctypes view: VDDK writes into or reads from them until it completes."""
-
-    __slots__ = ("lib", "function", "count", "buffer", "array", "done",
-                 "started")
-
-    def __init__(self, lib, function, count, buffer, array, done, timed):
-        self.lib = lib
-        self.function = function
-        self.count = count
-        self.buffer = buffer
-        self.array = array
-        self.done = done
-        # Timed only for -D vddk.stats=1: completions are the hot path.
-        self.started = now() if timed else None
-
-    def finish(self, result):
-        if self.started is not None:
-            STATS.record(self.function, now() - self.started, self.count)
-        done, buffer = self.done, self.buffer
-        self.buffer = self.array = self.done = None
-        if result != abi.VIX_OK:
-            done(self.lib.error(self.function, result), None)
-        else:
-            done(None, buffer if self.function == "ReadAsync" else None)
-
-
-class AsyncCompletions(object):
-    """Maps the ``data`` pointer of ReadAsync/WriteAsync to its transfer.
-    One per process: the callback object must stay alive as long as the
-    library may call it."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._ids = itertools.count(1)
-        self._pending = {}
-        self.thread_states = ThreadStates() if WORTH_KEEPING else None
-        self.callback = abi.CompletionFunc(self._completed)
-
-    def add(self, transfer):
-        request_id = next(self._ids)
-        with self._lock:
-            self._pending[request_id] = transfer
-        return request_id
-
-    def in_flight(self):
-        with self._lock:
-            return len(self._pending)
-
-    def forget(self, request_id):
-        with self._lock:
-            return self._pending.pop(request_id, None)
-
-    def _completed(self, data, result):
-        # On one of VDDK's threads: hand over and return.
-        if self.thread_states is not None:
-            self.thread_states.note()
-        transfer = self.forget(data)
-        if transfer is not None:
-            transfer.finish(result)
-
-
-COMPLETIONS = AsyncCompletions()
+# ctypes array types by length, made once: requests come in a few sizes.
+_ARRAY_TYPES = {}
+_ARRAY_TYPES_KEPT = 64
 
 
 def _ctypes_view(buf, count):
     """A ctypes view of ``buf`` without copying when the buffer allows."""
+    array_type = _ARRAY_TYPES.get(count)
+    if array_type is None:
+        array_type = ctypes.c_uint8 * count
+        if len(_ARRAY_TYPES) < _ARRAY_TYPES_KEPT:
+            _ARRAY_TYPES[count] = array_type
     try:
-        return (ctypes.c_uint8 * count).from_buffer(buf)
+        return array_type.from_buffer(buf)
     except TypeError:
-        return (ctypes.c_uint8 * count).from_buffer_copy(buf)
-
-
-def _wait_for(submit, *args):
-    """Run a submit_* call to its end; its data, or raise its error."""
-    finished = threading.Event()
-    outcome = []
-
-    def done(error, data):
-        outcome.append((error, data))
-        finished.set()
-    submit(*args + (done,))
-    finished.wait()
-    error, data = outcome[0]
-    if error is not None:
-        raise error
-    return data
+        return array_type.from_buffer_copy(buf)
 
 
 # ---------------------------------------------------------------------------
@@ -158,6 +80,11 @@ class VddkEngine(Engine):
         self._timed = bool(log.debug_flag("vddk.stats"))
         # Read buffers the server has sent and given back (recycle).
         self._read_buffers = BufferPool(READ_BUFFERS_KEPT)
+        # Submitted requests complete through the server's queue once it
+        # has offered one (complete_on).  Synchronous calls never do:
+        # nothing need be reading that queue while they wait.
+        self._queueing = None   # kept alive as long as the engine
+        self._submit_callback = completions.IMMEDIATE_CALLBACK
 
     def _call(self, function, *args):
         """A checked call on this handle (raises VddkError)."""
@@ -239,27 +166,34 @@ class VddkEngine(Engine):
                               "VDDK reads and writes whole 512-byte sectors "
                               "only (offset %d, length %d)" % (offset, count))
 
-    def _start(self, function, buffer, count, offset, done):
-        """Queue one ReadAsync or WriteAsync; ``done`` follows."""
+    def complete_on(self, put):
+        self._queueing = completions.QueueingCallback(put)
+        self._submit_callback = self._queueing.pointer
+
+    def _start(self, function, buffer, count, offset, done, callback):
+        """Queue one ReadAsync or WriteAsync; ``done`` follows, through
+        ``callback``."""
         array = _ctypes_view(buffer, count)
-        transfer = _Transfer(self.lib, function, count, buffer, array, done,
-                             self._timed)
-        request_id = COMPLETIONS.add(transfer)
+        request_id = completions.start(completions.Transfer(
+            self.lib, function, count, buffer, array, done, self._timed))
         sector, sectors = offset // SECTOR, count // SECTOR
         if self._datapath_debug:
             log.debug("%s%s: sector %d, %d sectors, request %d", PREFIX,
                       function, sector, sectors, request_id)
         call = self.lib.functions[function]
         with self._handle_lock:
-            err = call(self.handle, sector, sectors, array,
-                       COMPLETIONS.callback, request_id)
+            err = call(self.handle, sector, sectors, array, callback,
+                       request_id)
         if err != abi.VIX_ASYNC:
             # Refused (or done on the spot): no callback will come.
-            transfer = COMPLETIONS.forget(request_id)
+            transfer = completions.forget(request_id)
             if transfer is not None:
                 transfer.finish(err)
 
     def submit_pread(self, count, offset, flags, done):
+        self._read(count, offset, done, self._submit_callback)
+
+    def _read(self, count, offset, done, callback):
         try:
             self._check_aligned(count, offset)
         except EngineError as exc:
@@ -267,11 +201,14 @@ class VddkEngine(Engine):
             return
         buffer = self._read_buffers.get(count)
         if count:
-            self._start("ReadAsync", buffer, count, offset, done)
+            self._start("ReadAsync", buffer, count, offset, done, callback)
         else:
             done(None, buffer)
 
     def submit_pwrite(self, buf, offset, flags, done):
+        self._write(buf, offset, done, self._submit_callback)
+
+    def _write(self, buf, offset, done, callback):
         count = len(buf) if not isinstance(buf, memoryview) else buf.nbytes
         try:
             self._check_aligned(count, offset)
@@ -281,7 +218,7 @@ class VddkEngine(Engine):
             done(exc, None)
             return
         if count:
-            self._start("WriteAsync", buf, count, offset, done)
+            self._start("WriteAsync", buf, count, offset, done, callback)
         else:
             done(None, None)
 
@@ -290,10 +227,10 @@ class VddkEngine(Engine):
             self._read_buffers.give_back(data)
 
     def pread(self, count, offset, flags=0):
-        return _wait_for(self.submit_pread, count, offset, flags)
+        return completions.wait_for(self._read, count, offset)
 
     def pwrite(self, buf, offset, flags=0):
-        _wait_for(self.submit_pwrite, buf, offset, flags)
+        completions.wait_for(self._write, buf, offset)
 
     def flush(self, flags=0):
         # Flush only covers writes VDDK has been handed, so let the
