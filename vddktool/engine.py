@@ -311,10 +311,14 @@ class Engine(object):
         """Emulated with submit_pwrite from a shared buffer of zeros, in
         pieces all in flight together (never from a completion: a submit
         from a library's callback thread could deadlock the library)."""
-        pieces = range(offset, offset + count, len(_ZEROS))
-        if not pieces:
-            done(None, None)
+        if count <= len(_ZEROS):
+            # One piece (nbdcopy's zeroes are 256 KiB): no tally.
+            if count:
+                self.submit_pwrite(_ZERO_VIEW[:count], offset, 0, done)
+            else:
+                done(None, None)
             return
+        pieces = range(offset, offset + count, len(_ZEROS))
         tally = _Tally(len(pieces), done)
         end = offset + count
         for start in pieces:

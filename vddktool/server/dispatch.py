@@ -310,6 +310,7 @@ class AsyncWindow(object):
         self._requests = 0         # admitted, reply not yet sent
         self._bytes = 0
         self._admitted = None      # admitted, payload still being read
+        self._waiting = 0          # threads waiting for room
         self._sender = None        # the sender thread, while there is one
         self._failure = None
         commands.engine.complete_on(self._completed.put)
@@ -322,7 +323,7 @@ class AsyncWindow(object):
         finally:
             with self._lock:
                 while self._requests:
-                    self._room.wait()
+                    self._wait_for_room()
                 sender = self._sender
             if sender is not None:
                 self._completed.put(_END)
@@ -331,7 +332,9 @@ class AsyncWindow(object):
             raise self._failure
 
     def _serve(self):
-        read, commands, send = self._read, self._commands, self._send
+        read, send = self._read, self._send
+        submit, execute = self._commands.submit, self._commands.execute
+        complete = self._complete
         while True:
             request = read(self._admit)
             admitted, self._admitted = self._admitted, None
@@ -340,11 +343,10 @@ class AsyncWindow(object):
                     # Its payload never came: give its room back.
                     self._release(1, admitted.length)
                 return
-            if _submitted(request):
-                commands.submit(request, functools.partial(self._complete,
-                                                           request))
+            if admitted is request:     # _admit took it in the window
+                submit(request, functools.partial(complete, request))
             else:
-                send(commands.execute(request))
+                send(execute(request))
 
     def _admit(self, request):
         with self._lock:
@@ -353,7 +355,7 @@ class AsyncWindow(object):
                 while self._requests and (
                         self._requests >= self._max_requests or
                         self._bytes + size > self._max_bytes):
-                    self._room.wait()
+                    self._wait_for_room()
                 self._requests += 1
                 self._bytes += size
                 self._admitted = request
@@ -365,7 +367,16 @@ class AsyncWindow(object):
             elif request.command == nbd.CMD_FLUSH or \
                     request.flags & nbd.CMD_FLAG_FUA:
                 while self._requests:
-                    self._room.wait()
+                    self._wait_for_room()
+
+    def _wait_for_room(self):
+        # With the lock held.  Counted, so that _release only notifies
+        # when someone waits (most releases find nobody).
+        self._waiting += 1
+        try:
+            self._room.wait()
+        finally:
+            self._waiting -= 1
 
     def _complete(self, request, error, data):
         # Called by the engine, on any thread: queue, no more.
@@ -399,34 +410,37 @@ class AsyncWindow(object):
         return batch or None
 
     def _send_completions(self):
-        commands = self._commands
+        completed, sent = self._commands.completed, self._commands.sent
         while True:
             batch = self._next_batch()
             if batch is None:
                 return
             buffers = []
+            size = 0
             try:
                 for request, error, data in batch:
-                    buffers += commands.completed(request, error, data)
+                    buffers += completed(request, error, data)
+                    size += request.length
                 self._send(buffers)
                 del buffers
                 for request, _, data in batch:
-                    commands.sent(request, data)
+                    sent(request, data)
             except BaseException as exc:
                 # A bug, not the client (send() copes with that): end the
                 # connection, but keep freeing room so the reader can end.
                 if self._failure is None:
                     self._failure = exc
                     self._stop()
+                size = sum(request.length for request, _, _ in batch)
             buffers = None
-            self._release(len(batch),
-                          sum(request.length for request, _, _ in batch))
+            self._release(len(batch), size)
 
     def _release(self, requests, size):
         with self._lock:
             self._requests -= requests
             self._bytes -= size
-            self._room.notify()
+            if self._waiting:
+                self._room.notify()
 
 
 # Put last in the completion queue: the sender ends.

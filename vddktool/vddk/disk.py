@@ -159,13 +159,6 @@ class VddkEngine(Engine):
         return True
 
     # --- data ---------------------------------------------------------
-    @staticmethod
-    def _check_aligned(count, offset):
-        if offset % SECTOR or count % SECTOR:
-            raise EngineError(errno.EINVAL,
-                              "VDDK reads and writes whole 512-byte sectors "
-                              "only (offset %d, length %d)" % (offset, count))
-
     def complete_on(self, put):
         self._queueing = completions.QueueingCallback(put)
         self._submit_callback = self._queueing.pointer
@@ -194,30 +187,24 @@ class VddkEngine(Engine):
         self._read(count, offset, done, self._submit_callback)
 
     def _read(self, count, offset, done, callback):
-        try:
-            self._check_aligned(count, offset)
-        except EngineError as exc:
-            done(exc, None)
-            return
-        buffer = self._read_buffers.get(count)
-        if count:
-            self._start("ReadAsync", buffer, count, offset, done, callback)
+        if offset % SECTOR or count % SECTOR:
+            done(_unaligned(count, offset), None)
+        elif count:
+            self._start("ReadAsync", self._read_buffers.get(count), count,
+                        offset, done, callback)
         else:
-            done(None, buffer)
+            done(None, bytearray())
 
     def submit_pwrite(self, buf, offset, flags, done):
         self._write(buf, offset, done, self._submit_callback)
 
     def _write(self, buf, offset, done, callback):
         count = len(buf) if not isinstance(buf, memoryview) else buf.nbytes
-        try:
-            self._check_aligned(count, offset)
-            if self.readonly:
-                raise EngineError(errno.EPERM, "this disk is read-only")
-        except EngineError as exc:
-            done(exc, None)
-            return
-        if count:
+        if offset % SECTOR or count % SECTOR:
+            done(_unaligned(count, offset), None)
+        elif self.readonly:
+            done(EngineError(errno.EPERM, "this disk is read-only"), None)
+        elif count:
             self._start("WriteAsync", buf, count, offset, done, callback)
         else:
             done(None, None)
@@ -310,6 +297,11 @@ class VddkEngine(Engine):
                     self.handle = abi.HandlePtr()
             finally:
                 self.connection.close()
+
+
+def _unaligned(count, offset):
+    return EngineError(errno.EINVAL, "VDDK reads and writes whole 512-byte "
+                       "sectors only (offset %d, length %d)" % (offset, count))
 
 
 def _clip_extents(runs, start, end):
