@@ -415,6 +415,8 @@ class AsyncWindow(object):
             batch = self._next_batch()
             if batch is None:
                 return
+            if not batch:
+                continue    # a stray completion, already finished
             buffers = []
             size = 0
             try:
