@@ -216,7 +216,7 @@ def test_queued_completions_carry_data_and_result(session, fake_vddk,
     connection = session.connect()
     handle = session.open(connection, fake_vddk.local_disk(size=MiB,
                                                            data=data))
-    arrived = completions.Queue()
+    arrived = completions.CompletionQueue()
     callback = completions.QueueingCallback(arrived.put)
     try:
         buffers = read_async(session, callback.pointer, handle, 32)

@@ -25,6 +25,7 @@ client sees.
 
 import errno
 import os
+import queue
 import threading
 
 # Largest request the server accepts: nbdkit's limit.  The NBD reference
@@ -327,6 +328,15 @@ class Engine(object):
 
     def close(self):
         pass
+
+
+try:
+    # The queue complete_on's put feeds (and engines waiting on their own
+    # completions use): in C from 3.7, its put takes no Python-level lock
+    # and wakes a getter only when one waits.
+    CompletionQueue = queue.SimpleQueue
+except AttributeError:      # Python 3.6
+    CompletionQueue = queue.Queue
 
 
 # What submit_zero writes.  Engines only ever read from it, and it is

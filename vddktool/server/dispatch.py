@@ -15,6 +15,7 @@ import threading
 from time import monotonic
 
 from .. import protocol as nbd
+from ..engine import CompletionQueue
 
 
 class LeaderFollowers(object):
@@ -448,12 +449,6 @@ class AsyncWindow(object):
 # Put last in the completion queue: the sender ends.
 _END = object()
 
-try:
-    # In C (3.7+): put and get take no Python-level lock, and put wakes
-    # the sender only when it is waiting.
-    CompletionQueue = queue.SimpleQueue
-except AttributeError:
-    CompletionQueue = queue.Queue
 _Empty = queue.Empty
 
 

@@ -26,6 +26,7 @@ import queue
 import sys
 import threading
 
+from ..engine import CompletionQueue
 from . import abi
 from .stats import STATS, now
 
@@ -98,12 +99,8 @@ _STRUCTURE_MATCHES_ARGUMENTS = (
     ctypes.sizeof(ctypes.c_void_p) == 8 and
     platform.machine() in ("x86_64", "aarch64"))
 
-try:
-    Queue = queue.SimpleQueue
-    _PUT_IS_C = _STRUCTURE_MATCHES_ARGUMENTS
-except AttributeError:      # Python 3.6
-    Queue = queue.Queue
-    _PUT_IS_C = False
+_PUT_IS_C = (_STRUCTURE_MATCHES_ARGUMENTS and
+             CompletionQueue is not queue.Queue)
 
 _QueuedCompletionFunc = ctypes.CFUNCTYPE(None, QueuedCompletion)
 
@@ -136,7 +133,7 @@ class _Waiter(threading.local):
     """Each thread's own queue for the requests it waits for."""
 
     def __init__(self):
-        self.queue = Queue()
+        self.queue = CompletionQueue()
         self.callback = QueueingCallback(self.queue.put)
 
 
