@@ -99,10 +99,13 @@ class Commands(object):
         if len(data) != request.length:
             return self.failed(request, EngineError(
                 errno.EIO, "short read from the disk"))
+        if not self.zero_copy:
+            data = in_memory(data)
         if self.structured:
-            return self._structured_reply(request, [(request.offset, data)])
-        return nbd.simple_read_reply(request.cookie, in_memory(data)
-                                     if not self.zero_copy else data)
+            # One piece of the right length: one data chunk.
+            return [nbd.offset_data_header(request.cookie, request.offset,
+                                           request.length, True), data]
+        return nbd.simple_read_reply(request.cookie, data)
 
     def sent(self, request, data):
         """The reply built from a completion is out: a READ's buffer goes
