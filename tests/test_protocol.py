@@ -793,3 +793,18 @@ def test_peek_reads_command_and_length_only():
     assert nbd.peek_command_and_length(header) == (nbd.CMD_WRITE, 65536)
     assert nbd.peek_command_and_length(memoryview(header)) == (
         nbd.CMD_WRITE, 65536)
+
+
+def test_one_chunk_read_reply_is_a_done_offset_data_chunk():
+    data = bytearray(b"\xab" * 4096)
+    header, body = nbd.one_chunk_read_reply(0x1122334455667788, 1 << 33,
+                                            data)
+    # Structured reply magic, flags, type, cookie, length; then the offset.
+    magic, flags, chunk_type, cookie, length, offset = struct.unpack(
+        ">IHHQIQ", header)
+    assert magic == 0x668e33ef
+    assert flags == 1                 # NBD_REPLY_FLAG_DONE
+    assert chunk_type == 1            # NBD_REPLY_TYPE_OFFSET_DATA
+    assert cookie == 0x1122334455667788
+    assert length == 8 + 4096 and offset == 1 << 33
+    assert body is data               # sent as it is, not copied

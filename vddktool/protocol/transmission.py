@@ -156,6 +156,12 @@ def simple_read_reply(cookie, data):
     return [simple_reply(cookie), data]
 
 
+def one_chunk_read_reply(cookie, offset, data):
+    """A structured READ answered by one data chunk holding all of
+    ``data`` (the cheapest reply to build and to send)."""
+    return [offset_data_header(cookie, offset, len(data), True), data]
+
+
 def structured_read_reply(cookie, offset, length, pieces):
     """The chunks answering a structured READ of ``length`` bytes at
     ``offset``, from ``(offset, data)`` pieces in order (an engine's

@@ -102,9 +102,8 @@ class Commands(object):
         if not self.zero_copy:
             data = in_memory(data)
         if self.structured:
-            # One piece of the right length: one data chunk.
-            return [nbd.offset_data_header(request.cookie, request.offset,
-                                           request.length, True), data]
+            return nbd.one_chunk_read_reply(request.cookie, request.offset,
+                                            data)
         return nbd.simple_read_reply(request.cookie, data)
 
     def sent(self, request, data):
@@ -124,12 +123,12 @@ class Commands(object):
         length = request.length
         if length < SMALL_FILE_RANGE or request.flags & nbd.CMD_FLAG_DF:
             # Small reads skip hole chunks and file ranges: one pread, one
-            # data chunk, the cheapest reply to build and to send.
+            # data chunk.
             data = self.engine.pread(length, request.offset)
             if len(data) != length:
                 raise EngineError(errno.EIO, "short read from the disk")
-            return [nbd.offset_data_header(request.cookie, request.offset,
-                                           length, True), data]
+            return nbd.one_chunk_read_reply(request.cookie, request.offset,
+                                            data)
         pieces = self.engine.pread_sparse(length, request.offset)
         return self._structured_reply(request, pieces)
 

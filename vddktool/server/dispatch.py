@@ -419,11 +419,9 @@ class AsyncWindow(object):
             if not batch:
                 continue    # a stray completion, already finished
             buffers = []
-            size = 0
             try:
                 for request, error, data in batch:
                     buffers += completed(request, error, data)
-                    size += request.length
                 self._send(buffers)
                 del buffers
                 for request, _, data in batch:
@@ -434,9 +432,9 @@ class AsyncWindow(object):
                 if self._failure is None:
                     self._failure = exc
                     self._stop()
-                size = sum(request.length for request, _, _ in batch)
             buffers = None
-            self._release(len(batch), size)
+            self._release(len(batch),
+                          sum(request.length for request, _, _ in batch))
 
     def _release(self, requests, size):
         with self._lock:
