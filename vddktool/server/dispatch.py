@@ -387,27 +387,31 @@ class AsyncWindow(object):
         """The completions queued now (waiting for the first), with what
         engines queued to run here run first; None when the sender should
         leave."""
-        get, empty = self._completed.get, _Empty
+        completed = self._completed
+        get = completed.get
         while True:
             try:
                 item = get(True, self.QUIET_SECONDS)
                 break
-            except empty:
+            except _Empty:
                 with self._lock:
                     if not self._requests:
                         # Quiet: leave; the next submit starts another.
                         self._sender = None
                         return None
+        # This thread alone takes from the queue, so a queue that is not
+        # empty has an item for get(False); asking first spares the
+        # raising of Empty that ends every batch otherwise.
+        is_empty = completed.empty
         batch = []
         while item is not _END:
             if type(item) is tuple:
                 batch.append(item)
             else:
                 item.run()  # an engine's; it queues a tuple in turn
-            try:
-                item = get(False)
-            except empty:
+            if is_empty():
                 return batch
+            item = get(False)
         return batch or None
 
     def _send_completions(self):
