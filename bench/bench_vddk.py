@@ -22,6 +22,8 @@ does not advertise multi-conn):
   v2v-read-pause           nbdcopy URI null: through virt-v2v's filters
                            (--filter cow --filter cacheextents --filter
                            retry), on every server alike
+  cdi-read-pause           the same through KubeVirt CDI's filters
+                           (--filter=retry --filter=cacheextents)
 
 Servers: ``vddktool vddk`` (backend=vddk), ``nbdkit vddk`` (only with
 --nbdkit-vddk PLUGIN.so: Debian does not package it; build it from
@@ -46,8 +48,11 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from fake_vddk.build import build  # noqa: E402
 
 WORKLOADS = ("read-pause", "read-1us", "write-pause", "write-1us",
-             "read-pool", "write-pool", "v2v-read-pause")
-V2V_FILTERS = ["--filter=cow", "--filter=cacheextents", "--filter=retry"]
+             "read-pool", "write-pool", "v2v-read-pause", "cdi-read-pause")
+FILTERS = {
+    "v2v": ["--filter=cow", "--filter=cacheextents", "--filter=retry"],
+    "cdi": ["--filter=retry", "--filter=cacheextents"],
+}
 ONE_MICROSECOND = {"FAKE_VDDK_ASYNC_DELAY_US": "1"}
 FOUR_COMPLETION_THREADS = {"FAKE_VDDK_COMPLETION_THREADS": "4"}
 
@@ -80,8 +85,7 @@ class Bench(Workspace):
             FOUR_COMPLETION_THREADS if workload.endswith("pool") else {}
         writing = workload.startswith("write")
         mode = [] if writing else ["-r"]
-        if workload.startswith("v2v"):
-            mode += V2V_FILTERS
+        mode += FILTERS.get(workload.split("-")[0], [])
         suffix = workload + ".raw"
         disk = self.disk_copy("vddktool-" + suffix) if writing \
             else self.source

@@ -12,7 +12,8 @@ import pytest
 from fake_vddk.fixtures import fake_vddk  # noqa: F401 (a fixture)
 from filter_oracle import nbdsh
 from memory_engine import MemoryBackend
-from vddktool.engine import FLAG_FAST_ZERO, SHUTTING_DOWN, EngineError
+from vddktool.engine import (FLAG_FAST_ZERO, PARALLEL, SHUTTING_DOWN,
+                             EngineError)
 from vddktool.filters import retry as retry_filter
 from vddktool.filters.retry import RetryFilter
 
@@ -134,6 +135,173 @@ def test_an_answer_the_protocol_expects_is_not_retried(waits):
     with pytest.raises(EngineError) as e:
         engine.zero(512, 0, FLAG_FAST_ZERO)
     assert e.value.errno == errno.ENOTSUP and waits == []
+
+
+# --- requests in parallel ----------------------------------------------------
+
+HELD = 8192
+
+
+class Watched(Flaky):
+    """Flaky, and its engines note closing; reads at HELD wait for
+    ``release`` (``held`` is set once one does)."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.events = []
+        self.held = threading.Event()
+        self.release = threading.Event()
+
+    def open(self, export_name, readonly, is_tls=False):
+        engine = super().open(export_name, readonly, is_tls)
+        read, close = engine.pread, engine.close
+
+        def pread(count, offset, flags=0):
+            if offset == HELD:
+                self.held.set()
+                self.release.wait(10)
+                self.events.append("held read done")
+            return read(count, offset, flags)
+
+        def closing():
+            self.events.append("close")
+            close()
+        engine.pread, engine.close = pread, closing
+        return engine
+
+
+def in_thread(call):
+    """Run ``call`` on a thread: (the thread, its outcome list, an Event
+    set when it returns)."""
+    outcome, finished = [], threading.Event()
+
+    def run():
+        try:
+            outcome.append(call())
+        except Exception as exc:
+            outcome.append(exc)
+        finished.set()
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome, finished
+
+
+def test_a_request_waiting_to_retry_holds_up_no_other(monkeypatch):
+    """nbdkit's filter serializes requests; here the others go on."""
+    backend = Flaky(read_failures=1)
+    engine = retrying(backend)
+    # A stack that is not parallel, the server serializes (one lock).
+    assert engine.thread_model == PARALLEL
+    paused, resume = threading.Event(), threading.Event()
+
+    def pause(seconds):
+        paused.set()
+        resume.wait(10)
+        return False
+    monkeypatch.setattr(retry_filter, "_pause", pause)
+    first, outcome, _ = in_thread(lambda: bytes(engine.pread(4, 0)))
+    assert paused.wait(10)
+    _, other, finished = in_thread(lambda: bytes(engine.pread(4, 4)))
+    assert finished.wait(5), "a request waited for another's back-off"
+    assert other == [b"\x04\x05\x06\x07"] and backend.opened == 1
+    resume.set()
+    first.join(10)
+    assert outcome == [b"\x00\x01\x02\x03"] and backend.opened == 2
+
+
+def test_a_reopen_waits_for_the_requests_running_beside_it(waits):
+    backend = Watched()
+    engine = retrying(backend)
+    held, held_outcome, _ = in_thread(lambda: bytes(engine.pread(4, HELD)))
+    assert backend.held.wait(10)
+    backend.read_failures = 1
+    failing, outcome, finished = in_thread(lambda: bytes(engine.pread(4, 0)))
+    # It failed and wants to reopen: not while the held read runs.
+    assert not finished.wait(0.5)
+    assert backend.events == [] and backend.opened == 1
+    backend.release.set()
+    held.join(10)
+    failing.join(10)
+    assert backend.events == ["held read done", "close"]
+    assert held_outcome == [bytes(range(256))[HELD % 256:][:4]]
+    assert outcome == [b"\x00\x01\x02\x03"] and backend.opened == 2
+
+
+def test_requests_that_fail_together_reopen_once(monkeypatch):
+    backend = Flaky(read_failures=2)
+    engine = retrying(backend)
+    both_failed = threading.Barrier(2, timeout=10)
+    monkeypatch.setattr(retry_filter, "_pause",
+                        lambda seconds: both_failed.wait() and False)
+    threads = [in_thread(lambda offset=offset: bytes(engine.pread(2, offset)))
+               for offset in (0, 2)]
+    for thread, _, _ in threads:
+        thread.join(10)
+    assert [outcome for _, outcome, _ in threads] == \
+        [[b"\x00\x01"], [b"\x02\x03"]]
+    assert backend.opened == 2 and engine.reopens == 1
+
+
+class FailingSubmits(MemoryBackend):
+    """Asynchronous, its first ``failures`` submitted reads fail; notes
+    the completion queue each engine is offered."""
+
+    def __init__(self, failures):
+        super().__init__(bytes(range(256)) * 64, asynchronous=True)
+        self.failures = failures
+        self.offered = []
+
+    def open(self, export_name, readonly, is_tls=False):
+        engine = super().open(export_name, readonly, is_tls)
+        submit = engine.submit_pread
+
+        def submit_pread(count, offset, flags, done):
+            if self.failures:
+                self.failures -= 1
+                done(EngineError(errno.EIO, "connection reset"), None)
+            else:
+                submit(count, offset, flags, done)
+        engine.submit_pread = submit_pread
+        engine.complete_on = self.offered.append
+        return engine
+
+
+def submitted_read(engine, count, offset):
+    outcome, finished = [], threading.Event()
+
+    def done(error, data):
+        outcome.append((error, data and bytes(data),
+                        threading.current_thread().name))
+        finished.set()
+    engine.submit_pread(count, offset, 0, done)
+    assert finished.wait(10)
+    return outcome[0]
+
+
+def test_a_submitted_read_that_fails_is_retried_on_a_thread_of_its_own(
+        waits):
+    backend = FailingSubmits(failures=0)
+    engine = retrying(backend)
+    assert engine.can_submit()
+    put = object()
+    engine.complete_on(put)
+    me = threading.current_thread().name
+    assert submitted_read(engine, 4, 4) == (None, b"\x04\x05\x06\x07", me)
+    backend.failures = 1
+    error, data, thread = submitted_read(engine, 4, 0)
+    assert error is None and data == b"\x00\x01\x02\x03"
+    assert thread == "nbd-retry" and waits == [2]
+    # The reopened engine completes through the same queue.
+    assert backend.opened == 2 and backend.offered == [put, put]
+
+
+def test_a_submitted_read_gets_the_last_error_after_the_retries(waits):
+    backend = FailingSubmits(failures=1)
+    engine = retrying(backend, retries=0)
+    error, data, thread = submitted_read(engine, 4, 0)
+    assert isinstance(error, EngineError) and error.errno == errno.EIO
+    assert thread == threading.current_thread().name
+    assert backend.opened == 1 and waits == []
 
 
 # --- end to end -------------------------------------------------------------

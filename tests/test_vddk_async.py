@@ -169,22 +169,48 @@ for i in range(32):
     assert "Overlap" not in names and "HandleOverlap" not in names
 
 
+@pytest.mark.parametrize("filters", [
+    ["--filter=cow", "--filter=cacheextents"],
+    # virt-v2v's stack: nbdkit's retry serializes it, ours does not.
+    ["--filter=cow", "--filter=cacheextents", "--filter=retry"]])
 def test_a_filter_that_changes_reads_keeps_requests_overlapping(
-        fake_vddk, start_server, tmp_path):
+        fake_vddk, start_server, tmp_path, filters):
     """cow changes reads, so the stack takes the synchronous path; VDDK
-    being latency-bound, requests still overlap there.  (retry, as in
-    nbdkit, serializes requests: virt-v2v's full stack runs one at a
-    time in both.)"""
+    being latency-bound, requests still overlap there."""
     fake_vddk.env["FAKE_VDDK_RECORD_COMPLETIONS"] = "1"
     data = pattern(16 * MiB)
-    server = serve(start_server, fake_vddk, "--filter", "cow", "--filter",
-                   "cacheextents",
-                   fake_vddk.local_disk(size=16 * MiB, data=data))
+    server = serve(start_server, fake_vddk, *filters + [
+        fake_vddk.local_disk(size=16 * MiB, data=data)])
     out = str(tmp_path / "copy.raw")
     run([need("nbdcopy"), "--requests=32", server.uri, out])
     with open(out, "rb") as f:
         assert f.read() == data
     assert most_in_flight(fake_vddk.calls()) >= 4
+
+
+def test_kubevirt_cdi_stack_submits_and_recovers_from_a_fault(
+        fake_vddk, start_server, tmp_path):
+    """CDI's filters (retry, cacheextents) leave reads submitted: many in
+    flight on one connection.  A read that fails is retried after one
+    reopen, and the copy comes out whole.  (That a reopen waits for the
+    requests running beside it: test_filter_retry.py.)"""
+    fake_vddk.env["FAKE_VDDK_RECORD_COMPLETIONS"] = "1"
+    data = pattern(16 * MiB)
+    disk = fake_vddk.local_disk(size=16 * MiB, data=data)
+    fake_vddk.fail_read_at(8 * MiB + 4096, times=1)
+    server = serve(start_server, fake_vddk, "-r", "--filter=retry",
+                   "--filter=cacheextents", "retry-delay=1", disk)
+    out = str(tmp_path / "copy.raw")
+    run([need("nbdcopy"), "--connections=1", "--requests=32",
+         "--request-size=65536", server.uri, out])
+    with open(out, "rb") as f:
+        assert f.read() == data
+    calls = fake_vddk.calls()
+    assert most_in_flight(calls) >= 8
+    names = [c.name for c in calls if c.name in ("Open", "Close")]
+    assert names[:3] == ["Open", "Close", "Open"]
+    server.stop()
+    assert "HandleOverlap" not in fake_vddk.call_names()
 
 
 def read_async(session, callback, handle, count, sectors=8):

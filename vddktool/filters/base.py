@@ -114,7 +114,9 @@ class RWLock(object):
     Writers that must not interleave with a read-modify-write take the
     shared side; the read-modify-write takes the exclusive side.  A
     waiting exclusive holder keeps new shared holders out, so it is not
-    starved by a steady stream of them."""
+    starved by a steady stream of them.  ``acquire_shared`` and
+    ``release_shared`` may be called from different threads (a request
+    submitted on one and completed on another)."""
 
     def __init__(self):
         self._cond = threading.Condition(threading.Lock())
@@ -123,18 +125,18 @@ class RWLock(object):
         self._waiting = 0
 
     def shared(self):
-        return _Held(self._acquire_shared, self._release_shared)
+        return _Held(self.acquire_shared, self.release_shared)
 
     def exclusive(self):
         return _Held(self._acquire_exclusive, self._release_exclusive)
 
-    def _acquire_shared(self):
+    def acquire_shared(self):
         with self._cond:
             while self._exclusive or self._waiting:
                 self._cond.wait()
             self._shared += 1
 
-    def _release_shared(self):
+    def release_shared(self):
         with self._cond:
             self._shared -= 1
             if not self._shared:

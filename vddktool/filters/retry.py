@@ -9,17 +9,28 @@ the last error.  A reopen that fails counts as one more failed attempt.
 With the defaults (5 retries, 2 s doubling) it gives up after about a
 minute.
 
-Like nbdkit's, the filter serializes requests on a connection: a reopen
-must not pull the disk from under a request running beside it.
+nbdkit's filter serializes the requests of a connection, so that a
+reopen never pulls the disk from under a request running beside it;
+virt-v2v and KubeVirt CDI put it on every VDDK command line, where it
+leaves one request at a time waiting on the network.  Here requests run
+in parallel (and are submitted, when the engine below can): each holds
+the shared side of a lock while it uses the engine, and a reopen takes
+the exclusive side, so it waits for the requests in progress and holds
+new ones back.  Requests that fail together reopen the disk once: each
+notes which opening of the disk it failed on (``generation``), and only
+the first to get the exclusive side finds it still current.  A
+submitted request that fails is retried on a thread of its own, so the
+thread that finishes completions never waits out the back-off.
 """
 
 import errno
+import threading
 
 from .. import log
-from ..engine import (FLAG_FAST_ZERO, FLAG_FUA, FUA_NONE, SERIALIZE_REQUESTS,
-                      SHUTTING_DOWN, EngineError)
+from ..engine import (FLAG_FAST_ZERO, FLAG_FUA, FUA_NONE, SHUTTING_DOWN,
+                      EngineError)
 from ..layers import FilterEngine
-from .base import FilterBackend
+from .base import FilterBackend, RWLock
 
 
 def _pause(seconds):
@@ -29,7 +40,6 @@ def _pause(seconds):
 
 
 class RetryEngine(FilterEngine):
-    thread_model = SERIALIZE_REQUESTS
     replaces_next = True
 
     def __init__(self, backend, below, request):
@@ -38,30 +48,50 @@ class RetryEngine(FilterEngine):
         self.request = request
         self.reopens = 0
         self.is_open = True
+        self._in_use = RWLock()     # shared: a request; exclusive: reopen
+        self._generation = 0        # how many times the disk was reopened
+        self._put = None            # the server's completion queue, if any
 
     # What the filter leaves alone (get_size, can_*) is not bound to the
     # first engine (replaces_next): FilterEngine's bodies ask self.next,
     # the engine open now.
 
+    # --- using the engine open now ------------------------------------
+    def _enter(self):
+        """(engine open now or None, its generation), held until _leave:
+        no reopen meanwhile."""
+        self._in_use.acquire_shared()
+        return (self.next if self.is_open else None), self._generation
+
+    def _leave(self):
+        self._in_use.release_shared()
+
     # --- the retry loop ---------------------------------------------------
-    def _attempt(self, name, call):
+    def _attempt(self, name, call, failed=None):
         """Run ``call(engine)`` on the engine open now, reopening it and
-        trying again after each failure, as configured."""
+        trying again after each failure, as configured.  ``failed``:
+        (error, generation) of a first attempt already made (submitted)."""
         backend = self.backend
         delay = backend.delay
         attempt = 0
         while True:
-            try:
-                if not self.is_open:
-                    raise EngineError(errno.ESHUTDOWN, "the disk could not "
-                                      "be reopened")
-                return call(self.next)
-            except EngineError as exc:
-                if exc.expected:
-                    raise
-                error = exc
-            except OSError as exc:
-                error = exc
+            if failed is not None:
+                (error, generation), failed = failed, None
+            else:
+                engine, generation = self._enter()
+                try:
+                    if engine is None:
+                        raise EngineError(errno.ESHUTDOWN, "the disk could "
+                                          "not be reopened")
+                    return call(engine)
+                except EngineError as exc:
+                    if exc.expected:
+                        raise
+                    error = exc
+                except OSError as exc:
+                    error = exc
+                finally:
+                    self._leave()
             if attempt >= backend.retries or SHUTTING_DOWN.is_set():
                 if backend.retries:
                     log.debug("retry: %s: giving up after %d retries",
@@ -74,23 +104,77 @@ class RetryEngine(FilterEngine):
                 raise error     # the server is stopping: no more waits
             if backend.exponential:
                 delay *= 2
-            self._reopen()
+            self._reopen(generation)
 
-    def _reopen(self):
-        self.reopens += 1
-        if self.is_open:
-            self.is_open = False
-            try:
-                self.next.close()
-            except Exception as exc:
-                log.debug("retry: closing the failed disk: %s", exc)
-        try:
-            self.next = self.backend.open_below(
-                self.request, readonly=self.backend.force_readonly)
-        except Exception as exc:
-            log.debug("retry: reopening the disk failed: %s", exc)
+    def _reopen(self, generation):
+        """Replace the engine that failed at ``generation``, unless a
+        request that failed beside this one has done it already."""
+        if generation != self._generation:
             return
-        self.is_open = True
+        with self._in_use.exclusive():
+            if generation != self._generation:
+                return
+            self._generation += 1
+            self.reopens += 1
+            if self.is_open:
+                self.is_open = False
+                try:
+                    self.next.close()
+                except Exception as exc:
+                    log.debug("retry: closing the failed disk: %s", exc)
+            try:
+                engine = self.backend.open_below(
+                    self.request, readonly=self.backend.force_readonly)
+                if self._put is not None:
+                    engine.complete_on(self._put)
+            except Exception as exc:
+                log.debug("retry: reopening the disk failed: %s", exc)
+                return
+            self.next = engine
+            self.is_open = True
+
+    def _worth_retrying(self, error):
+        return isinstance(error, (EngineError, OSError)) and \
+            not getattr(error, "expected", False) and \
+            self.backend.retries and not SHUTTING_DOWN.is_set()
+
+    def _submit(self, name, start, call, done):
+        """``start(engine, finished)`` submits a request to the engine
+        open now; if it fails, ``call(engine)`` repeats it synchronously,
+        in the retry loop, on a thread of its own."""
+        engine, generation = self._enter()
+
+        def finished(error, data):
+            self._leave()
+            if error is None or not self._worth_retrying(error):
+                done(error, data)
+                return
+            threading.Thread(target=self._retry_submitted, name="nbd-retry",
+                             args=(name, call, (error, generation), done)
+                             ).start()
+        if engine is None:
+            finished(EngineError(errno.ESHUTDOWN, "the disk could not be "
+                                 "reopened"), None)
+            return
+        try:
+            start(engine, finished)
+        except Exception as exc:
+            finished(exc, None)
+
+    def _retry_submitted(self, name, call, failed, done):
+        try:
+            data = self._attempt(name, call, failed)
+        except Exception as exc:
+            done(exc, None)
+        else:
+            done(None, data)
+
+    def complete_on(self, put):
+        self._put = put
+        self.next.complete_on(put)
+
+    def recycle(self, data):
+        self.next.recycle(data)
 
     def _refuse_writes(self, flags, engine, capability):
         """Refusals that need no retry: read-only after a reopen, or the
@@ -108,43 +192,83 @@ class RetryEngine(FilterEngine):
             raise EngineError(errno.ENOSPC if writing else errno.EIO,
                               "the request ends beyond the reopened disk")
 
-    def _reading(self, method, count, offset, *args):
-        """A read-like call: checked against the engine open now, then
-        attempted."""
+    def _read_call(self, method, count, offset, *args):
+        """A read-like call, checked against the engine it is made on."""
         def call(engine):
             self._in_range(engine, count, offset, False)
             return getattr(engine, method)(count, offset, *args)
-        return self._attempt(method, call)
+        return call
 
-    def _writing(self, method, capability, count, offset, flags, *args):
+    def _write_call(self, method, capability, count, offset, flags, *args):
         def call(engine):
             self._refuse_writes(flags, engine, capability)
             self._in_range(engine, count, offset, True)
             return getattr(engine, method)(*args + (offset, flags))
-        return self._attempt(method, call)
+        return call
 
     def pread(self, count, offset, flags=0):
-        return self._reading("pread", count, offset, flags)
+        return self._attempt("pread", self._read_call("pread", count, offset,
+                                                      flags))
 
     def extents(self, count, offset, flags=0):
-        return self._reading("extents", count, offset, flags)
+        return self._attempt("extents", self._read_call("extents", count,
+                                                        offset, flags))
 
     def cache(self, count, offset, flags=0):
-        return self._reading("cache", count, offset, flags)
+        return self._attempt("cache", self._read_call("cache", count,
+                                                      offset, flags))
 
     def pwrite(self, buf, offset, flags=0):
-        return self._writing("pwrite", "can_write",
-                             memoryview(buf).nbytes, offset, flags, buf)
+        return self._attempt("pwrite", self._write_call(
+            "pwrite", "can_write", memoryview(buf).nbytes, offset, flags,
+            buf))
 
     def trim(self, count, offset, flags=0):
-        return self._writing("trim", "can_trim", count, offset, flags, count)
+        return self._attempt("trim", self._write_call(
+            "trim", "can_trim", count, offset, flags, count))
 
     def zero(self, count, offset, flags=0):
+        self._refuse_slow_zero(flags)
+        return self._attempt("zero", self._write_call(
+            "zero", "can_zero", count, offset, flags, count))
+
+    def _refuse_slow_zero(self, flags):
         if flags & FLAG_FAST_ZERO and not (self.is_open and
                                            self.next.can_fast_zero()):
             raise EngineError(errno.ENOTSUP, "zeroing is not fast here",
                               expected=True)
-        return self._writing("zero", "can_zero", count, offset, flags, count)
+
+    # --- submitted: the same checks, then the engine's own submit -------
+    def submit_pread(self, count, offset, flags, done):
+        def start(engine, finished):
+            self._in_range(engine, count, offset, False)
+            engine.submit_pread(count, offset, flags, finished)
+        self._submit("pread", start,
+                     self._read_call("pread", count, offset, flags), done)
+
+    def submit_pwrite(self, buf, offset, flags, done):
+        count = memoryview(buf).nbytes
+
+        def start(engine, finished):
+            self._refuse_writes(flags, engine, "can_write")
+            self._in_range(engine, count, offset, True)
+            engine.submit_pwrite(buf, offset, flags, finished)
+        self._submit("pwrite", start, self._write_call(
+            "pwrite", "can_write", count, offset, flags, buf), done)
+
+    def submit_zero(self, count, offset, flags, done):
+        try:
+            self._refuse_slow_zero(flags)
+        except EngineError as exc:
+            done(exc, None)
+            return
+
+        def start(engine, finished):
+            self._refuse_writes(flags, engine, "can_zero")
+            self._in_range(engine, count, offset, True)
+            engine.submit_zero(count, offset, flags, finished)
+        self._submit("zero", start, self._write_call(
+            "zero", "can_zero", count, offset, flags, count), done)
 
     def flush(self, flags=0):
         def flush(engine):
