@@ -9,8 +9,9 @@ import pytest
 
 from conftest import need, run
 from fake_vddk.fixtures import fake_vddk  # noqa: F401 (a fixture)
-from filter_oracle import (assert_same_info, block_map, contents, nbdsh,
-                           side_by_side)
+from filter_oracle import (assert_same_info, block_map, contents, flat_vmdk,
+                           nbdsh, side_by_side)
+from test_vddk_async import most_in_flight
 from vmdk_fixtures import random_disk
 
 MiB = 1024 * 1024
@@ -21,6 +22,17 @@ h.pwrite(b'\\x22' * 200000, 65536 * 3 + 17)
 h.pwrite(b'\\x33' * 65536, 65536 * 8)
 h.trim(65536 * 2, 65536 * 10)
 h.trim(5000, 65536 * 13 + 300)
+h.pwrite(b'\\x44' * 512, 65536 * 31 - 512, nbd.CMD_FLAG_FUA)
+h.flush()
+"""
+
+# The same in whole sectors, as VDDK takes them.
+SECTOR_CHANGES = """
+h.pwrite(b'\\x11' * 1024, 512)
+h.pwrite(b'\\x22' * 200192, 65536 * 3 + 512)
+h.pwrite(b'\\x33' * 65536, 65536 * 8)
+h.trim(65536 * 2, 65536 * 10)
+h.trim(5120, 65536 * 13 + 512)
 h.pwrite(b'\\x44' * 512, 65536 * 31 - 512, nbd.CMD_FLAG_FUA)
 h.flush()
 """
@@ -139,3 +151,47 @@ def test_every_connection_sees_the_same_overlay(tmp_path, start_server):
     nbdsh(server.uri, "h.pwrite(b'shared', 4096)")
     out = nbdsh(server.uri, "print(bytes(h.pread(6, 4096)))").stdout
     assert out.strip() == "b'shared'"
+
+
+@pytest.mark.parametrize("cow_on_read", ["false", "true"])
+def test_over_vddk_reads_are_submitted_with_the_same_outcome(
+        tmp_path, start_server, fake_vddk, cow_on_read):
+    """Over VDDK, cow's reads go down as submitted requests, many in
+    flight; what a client reads after the same changes is what cow over
+    the native engine gives (checked against nbdkit's above), and the
+    disk below never changes."""
+    data = random_disk(4 * MiB, seed=11, hole_every=5, zero_every=7,
+                       chunk=64 * 1024)
+    fake_vddk.env["FAKE_VDDK_RECORD_COMPLETIONS"] = "1"
+    disk = fake_vddk.local_disk(size=4 * MiB, data=data)
+    before = checksum(disk)
+    descriptor, _ = flat_vmdk(str(tmp_path), "native", data)
+    options = ["--filter=cow", "cow-on-read=" + cow_on_read]
+    env = {"TMPDIR": str(tmp_path)}
+    # Two threads: the synchronous path would keep two requests in
+    # flight on one connection, the submitted one eight.
+    vddk = start_server(*options + ["-t", "2", "backend=vddk",
+                                    "libdir=" + fake_vddk.libdir, disk],
+                        env=dict(fake_vddk.env, **env))
+    native = start_server(*options + [descriptor], env=env)
+    for server in (vddk, native):
+        nbdsh(server.uri, SECTOR_CHANGES)
+    ours = contents(vddk.uri, tmp_path, "vddk.out")
+    assert ours == contents(native.uri, tmp_path, "native.out")
+    assert ours[512:1536] == b"\x11" * 1024 and ours != data
+    # Read again on one connection: with cow-on-read, from the overlay
+    # alone; without, the disk's part of it many requests at a time.
+    calls = len(fake_vddk.calls())
+    again = str(tmp_path / "again.out")
+    run([need("nbdcopy"), "--connections=1", "--requests=16",
+         "--request-size=65536", vddk.uri, again])
+    with open(again, "rb") as f:
+        assert f.read() == ours
+    calls = fake_vddk.calls()[calls:]
+    reads = [c for c in calls if c.name == "ReadAsync"]
+    if cow_on_read == "true":
+        assert reads == []
+    else:
+        assert most_in_flight(calls) >= 4
+    assert vddk.stop() == 0
+    assert checksum(disk) == before

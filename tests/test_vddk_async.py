@@ -175,8 +175,8 @@ for i in range(32):
     ["--filter=cow", "--filter=cacheextents", "--filter=retry"]])
 def test_a_filter_that_changes_reads_keeps_requests_overlapping(
         fake_vddk, start_server, tmp_path, filters):
-    """cow changes reads, so the stack takes the synchronous path; VDDK
-    being latency-bound, requests still overlap there."""
+    """cow reads for itself, and submits the reads of blocks it does not
+    hold: requests overlap through it, and through retry below it."""
     fake_vddk.env["FAKE_VDDK_RECORD_COMPLETIONS"] = "1"
     data = pattern(16 * MiB)
     server = serve(start_server, fake_vddk, *filters + [

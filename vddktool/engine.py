@@ -320,7 +320,7 @@ class Engine(object):
                 done(None, None)
             return
         pieces = range(offset, offset + count, len(_ZEROS))
-        tally = _Tally(len(pieces), done)
+        tally = Tally(len(pieces), done)
         end = offset + count
         for start in pieces:
             self.submit_pwrite(_ZERO_VIEW[:min(len(_ZEROS), end - start)],
@@ -345,9 +345,9 @@ _ZEROS = bytearray(1024 * 1024)
 _ZERO_VIEW = memoryview(_ZEROS)
 
 
-class _Tally(object):
+class Tally(object):
     """Calls ``done`` once ``count`` parts are done, with the first error
-    any of them had."""
+    any of them had (for one request submitted in several parts)."""
 
     def __init__(self, count, done):
         self._left = count

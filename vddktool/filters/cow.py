@@ -14,6 +14,12 @@ copies what is read; cow-on-cache copies what a cache request names.
 What the client is told follows nbdkit: writable, trim, flush and FUA
 (all local, so FUA and flush cost nothing), extents, cache, multi-conn;
 no write-zeroes, since the engine below, opened read-only, has none.
+
+Over an engine that can submit (VDDK), reads of blocks not copied go
+down as submitted requests, many in flight (a read none of whose blocks
+is in the overlay passes straight down), and a copy-up on read is
+stored when its read completes; writes, zeroes and the overlay's part
+of a read are local and done at once.
 """
 
 import errno
@@ -24,7 +30,7 @@ import threading
 
 from ..engine import (CACHE_EMULATE, CACHE_NATIVE, EXTENT_HOLE, EXTENT_ZERO,
                       FLAG_FAST_ZERO, FLAG_REQ_ONE, FUA_NATIVE, EngineError,
-                      Extent, UsageError, in_memory)
+                      Extent, Tally, UsageError, in_memory)
 from ..layers import FilterEngine
 from .base import FilterBackend, clip_extents
 
@@ -232,6 +238,105 @@ class CowEngine(FilterEngine):
         if state == TRIMMED:
             return bytearray(self.block)
         return self._from_disk(block, 1)
+
+    # --- submitted: the server's asynchronous path ------------------------
+    def submit_pread(self, count, offset, flags, done):
+        size = self.block
+        end = offset + count
+        block = offset // size
+        last = (end - 1) // size
+        copy_up = self.backend.copies_on_read()
+        below = []      # (lo, hi, first block, blocks) to read from the disk
+        out = None
+        try:
+            while block <= last:
+                state, run = self.overlay.run(block, last - block + 1)
+                lo = max(block * size, offset)
+                hi = min((block + run) * size, end)
+                if state == NOT_COPIED and not copy_up and lo == offset and \
+                        hi == end:
+                    # Nothing of it in the overlay: straight down.
+                    self.next.submit_pread(count, offset, flags, done)
+                    return
+                if out is None:
+                    out = bytearray(count)
+                if state == NOT_COPIED:
+                    below.append((lo, hi, block, run))
+                elif state == COPIED:
+                    out[lo - offset:hi - offset] = self.overlay.read(hi - lo,
+                                                                     lo)
+                block += run
+        except Exception as exc:
+            done(exc, None)
+            return
+        if not below:
+            done(None, out)
+            return
+        tally = Tally(len(below), lambda error, _: done(
+            error, out if error is None else None))
+        for lo, hi, first, blocks in below:
+            if copy_up:
+                start = first * size
+                self.next.submit_pread(
+                    min(blocks * size, self.overlay.size - start), start,
+                    flags, self._copied_up(first, blocks, out, lo - offset,
+                                           lo - start, hi - lo, tally))
+            else:
+                self.next.submit_pread(hi - lo, lo, flags, self._placed(
+                    out, lo - offset, 0, hi - lo, tally))
+
+    @staticmethod
+    def _placed(out, at, skip, length, tally):
+        """A completion that puts ``length`` bytes of the data read, from
+        ``skip`` on, into ``out`` at ``at``."""
+        def done(error, data):
+            if error is None:
+                out[at:at + length] = memoryview(in_memory(data))[
+                    skip:skip + length]
+            tally.one_done(error, None)
+        return done
+
+    def _copied_up(self, first, blocks, out, at, skip, length, tally):
+        """The same, once the whole blocks read are in the overlay (the
+        blocks written meanwhile excepted: the client's write came
+        first)."""
+        place = self._placed(out, at, skip, length, tally)
+
+        def done(error, data):
+            if error is None:
+                try:
+                    contents = bytearray(blocks * self.block)
+                    data = in_memory(data)
+                    contents[:len(data)] = data
+                    self.overlay.write_blocks(first, contents,
+                                              only_not_copied=True)
+                    data = contents
+                except Exception as exc:
+                    error, data = exc, None
+            place(error, data)
+        return done
+
+    def submit_pwrite(self, buf, offset, flags, done):
+        self._now(done, self.pwrite, buf, offset, flags)
+
+    def submit_zero(self, count, offset, flags, done):
+        self._now(done, self.zero, count, offset, flags)
+
+    @staticmethod
+    def _now(done, call, *args):
+        """A write or zero lands in the overlay at once (a partial block's
+        copy-up reads the disk first, synchronously)."""
+        try:
+            call(*args)
+        except Exception as exc:
+            done(exc, None)
+        else:
+            done(None, None)
+
+    def recycle(self, data):
+        # Data a read passed straight down returned, or a buffer of this
+        # filter's own that nobody holds: either may go to the engine.
+        self.next.recycle(data)
 
     # --- writes -----------------------------------------------------------
     def _patch(self, block, start, data):
