@@ -302,3 +302,26 @@ def test_submitted_requests_finish_on_the_sender_thread(
         assert f.read() == data
     assert len(threads) >= 2 * 64
     assert set(threads) == {"nbd-sender"}
+
+
+def test_a_submitted_write_that_fails_is_retried_and_lands(
+        fake_vddk, start_server, tmp_path):
+    """Writes through retry stay submitted; one that fails is written
+    again after a reopen, and the disk ends up as the client wrote it."""
+    fake_vddk.env["FAKE_VDDK_RECORD_COMPLETIONS"] = "1"
+    disk = fake_vddk.local_disk(size=8 * MiB, data=bytes(8 * MiB))
+    fake_vddk.fail_write_at(5 * MiB + 512, times=1)
+    server = serve(start_server, fake_vddk, "--filter=retry",
+                   "retry-delay=1", disk)
+    source = str(tmp_path / "source.raw")
+    with open(source, "wb") as f:
+        f.write(pattern(8 * MiB))
+    run([need("nbdcopy"), "--connections=1", "--requests=32",
+         "--request-size=65536", "--flush", source, server.uri])
+    server.stop()
+    with open(disk, "rb") as f:
+        assert f.read() == pattern(8 * MiB)
+    calls = fake_vddk.calls()
+    assert most_in_flight(calls) >= 8
+    assert [c.name for c in calls if c.name in ("Open", "Close")][:3] == \
+        ["Open", "Close", "Open"]
