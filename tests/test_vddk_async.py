@@ -325,3 +325,34 @@ def test_a_submitted_write_that_fails_is_retried_and_lands(
     assert most_in_flight(calls) >= 8
     assert [c.name for c in calls if c.name in ("Open", "Close")][:3] == \
         ["Open", "Close", "Open"]
+
+
+def test_the_seeds_blocksize_remedy_splits_submitted_requests(
+        fake_vddk, start_server, tmp_path):
+    """--filter=blocksize minblock=512 maxdata=2M (the seed's remedy for
+    ESXi running out of memory): 4 MiB requests reach VDDK as 2 MiB parts
+    in flight together, both ways; an unaligned write still lands, by
+    read-modify-write."""
+    fake_vddk.env["FAKE_VDDK_RECORD_COMPLETIONS"] = "1"
+    disk = fake_vddk.local_disk(size=32 * MiB, data=bytes(32 * MiB))
+    server = serve(start_server, fake_vddk, "--filter=blocksize",
+                   "minblock=512", "maxdata=2M", disk)
+    source, out = str(tmp_path / "source.raw"), str(tmp_path / "out.raw")
+    with open(source, "wb") as f:
+        f.write(pattern(32 * MiB))
+    copy = [need("nbdcopy"), "--connections=1", "--requests=8",
+            "--request-size=%d" % (4 * MiB)]
+    run(copy + [source, server.uri])
+    run(copy + [server.uri, out])
+    with open(out, "rb") as f:
+        assert f.read() == pattern(32 * MiB)
+    calls = fake_vddk.calls()
+    sizes = set(c.number("count") * 512 for c in calls
+                if c.name in ("ReadAsync", "WriteAsync"))
+    assert sizes == {2 * MiB}
+    assert most_in_flight(calls) >= 4
+    written = nbdsh(server, "h.pwrite(b'x' * 100, 1000)\n"
+                            "print(h.pread(1200, 900) == %r)"
+                    % (pattern(1000)[900:] + b"x" * 100 +
+                       pattern(2100)[1100:]))
+    assert written.stdout.strip() == "True"

@@ -14,7 +14,7 @@ import collections
 import threading
 
 from .. import log
-from ..engine import PARALLEL, Backend, Extent, UsageError
+from ..engine import PARALLEL, Backend, Extent, UsageError, in_memory
 from ..layers import FilterEngine
 
 # How a connection opened its engine, kept so that the engine below can
@@ -192,6 +192,30 @@ def noted_around(note, call, *args):
         return call(*args)
     finally:
         note()
+
+
+def finish_at_once(done, call, *args):
+    """A submitted request a filter does synchronously (a rare case that
+    needs its own reads and writes): ``done`` with what ``call(*args)``
+    returned, or with what it raised."""
+    try:
+        data = call(*args)
+    except Exception as exc:
+        done(exc, None)
+    else:
+        done(None, data)
+
+
+def placed_into(out, at, skip, length, tally):
+    """A completion for one part of a read split in parts: puts
+    ``length`` bytes of the part's data, from ``skip`` on, into ``out``
+    at ``at``, then counts the part done in ``tally`` (engine.Tally)."""
+    def done(error, data):
+        if error is None:
+            out[at:at + length] = memoryview(in_memory(data))[
+                skip:skip + length]
+        tally.one_done(error, None)
+    return done
 
 
 def warn(filter_name, message, *args):

@@ -12,14 +12,21 @@ maxlen 4G less minblock.
 
 A read-modify-write holds a lock no other write may hold at the same
 time, so overlapping writes cannot lose each other's bytes.
+
+Over an engine that can submit (VDDK), aligned reads, writes and zeroes
+are submitted, split in parts in flight together where they are too
+large (a submitted write holds the lock's shared side until it
+completes); unaligned ones, which need a read-modify-write, are done
+synchronously.
 """
 
 import errno
 
 from ..engine import (FLAG_FAST_ZERO, FLAG_FUA, FUA_NATIVE, EngineError,
-                      Extent, in_memory)
+                      Extent, Tally, in_memory)
 from ..layers import FilterEngine
-from .base import FilterBackend, RWLock, clip_extents
+from .base import (FilterBackend, RWLock, clip_extents, finish_at_once,
+                   placed_into)
 
 DEFAULT_MAXDATA = 64 * 1024 * 1024
 # What the client is told it may send: anything the protocol carries.
@@ -160,6 +167,64 @@ class BlocksizeEngine(FilterEngine):
             start += n
         if flush_after:
             self.next.flush()
+
+    # --- submitted: the server's asynchronous path ------------------------
+    def submit_pread(self, count, offset, flags, done):
+        unit, most = self.minblock, self.maxdata
+        if (offset | count) % unit:
+            finish_at_once(done, self.pread, count, offset, flags)
+        elif count <= most:
+            self.next.submit_pread(count, offset, flags, done)
+        else:
+            out = bytearray(count)
+            parts = range(0, count, most)
+            tally = Tally(len(parts), lambda error, _: done(
+                error, out if error is None else None))
+            for start in parts:
+                length = min(most, count - start)
+                self.next.submit_pread(length, offset + start, flags,
+                                       placed_into(out, start, 0, length,
+                                                   tally))
+
+    def submit_pwrite(self, buf, offset, flags, done):
+        view = memoryview(buf).cast("B")
+        count, most = len(view), self.maxdata
+        if (offset | count) % self.minblock:
+            finish_at_once(done, self.pwrite, buf, offset, flags)
+            return
+        parts = range(0, count, most)
+        if len(parts) > 1:
+            done = Tally(len(parts), done).one_done
+        for start in parts:
+            self._submit_shared(self.next.submit_pwrite,
+                                view[start:start + most], offset + start,
+                                flags, done)
+
+    def submit_zero(self, count, offset, flags, done):
+        if (offset | count) % self.minblock or count > self.maxlen:
+            finish_at_once(done, self.zero, count, offset, flags)
+        else:
+            self._submit_shared(self.next.submit_zero, count, offset, flags,
+                                done)
+
+    def _submit_shared(self, submit, first, offset, flags, done):
+        """Submit a write or zero holding the lock's shared side until it
+        completes, so that no read-modify-write runs beside it."""
+        if self.minblock == 1:      # no read-modify-write is ever needed
+            submit(first, offset, flags, done)
+            return
+        lock = self.lock
+        lock.acquire_shared()
+
+        def finished(error, data):
+            lock.release_shared()
+            done(error, data)
+        submit(first, offset, flags, finished)
+
+    def recycle(self, data):
+        # A read passed straight down, or a buffer of this filter's own
+        # that nobody holds: either may go to the engine.
+        self.next.recycle(data)
 
     # --- the rest ---------------------------------------------------------
     def extents(self, count, offset, flags=0):

@@ -32,7 +32,8 @@ from ..engine import (CACHE_EMULATE, CACHE_NATIVE, EXTENT_HOLE, EXTENT_ZERO,
                       FLAG_FAST_ZERO, FLAG_REQ_ONE, FUA_NATIVE, EngineError,
                       Extent, Tally, UsageError, in_memory)
 from ..layers import FilterEngine
-from .base import FilterBackend, clip_extents
+from .base import (FilterBackend, clip_extents, finish_at_once,
+                   placed_into)
 
 DEFAULT_TMPDIR = "/var/tmp"
 
@@ -282,25 +283,14 @@ class CowEngine(FilterEngine):
                     flags, self._copied_up(first, blocks, out, lo - offset,
                                            lo - start, hi - lo, tally))
             else:
-                self.next.submit_pread(hi - lo, lo, flags, self._placed(
+                self.next.submit_pread(hi - lo, lo, flags, placed_into(
                     out, lo - offset, 0, hi - lo, tally))
-
-    @staticmethod
-    def _placed(out, at, skip, length, tally):
-        """A completion that puts ``length`` bytes of the data read, from
-        ``skip`` on, into ``out`` at ``at``."""
-        def done(error, data):
-            if error is None:
-                out[at:at + length] = memoryview(in_memory(data))[
-                    skip:skip + length]
-            tally.one_done(error, None)
-        return done
 
     def _copied_up(self, first, blocks, out, at, skip, length, tally):
         """The same, once the whole blocks read are in the overlay (the
         blocks written meanwhile excepted: the client's write came
         first)."""
-        place = self._placed(out, at, skip, length, tally)
+        place = placed_into(out, at, skip, length, tally)
 
         def done(error, data):
             if error is None:
@@ -317,21 +307,12 @@ class CowEngine(FilterEngine):
         return done
 
     def submit_pwrite(self, buf, offset, flags, done):
-        self._now(done, self.pwrite, buf, offset, flags)
+        # A write lands in the overlay at once (a partial block's copy-up
+        # reads the disk first, synchronously).
+        finish_at_once(done, self.pwrite, buf, offset, flags)
 
     def submit_zero(self, count, offset, flags, done):
-        self._now(done, self.zero, count, offset, flags)
-
-    @staticmethod
-    def _now(done, call, *args):
-        """A write or zero lands in the overlay at once (a partial block's
-        copy-up reads the disk first, synchronously)."""
-        try:
-            call(*args)
-        except Exception as exc:
-            done(exc, None)
-        else:
-            done(None, None)
+        finish_at_once(done, self.zero, count, offset, flags)
 
     def recycle(self, data):
         # Data a read passed straight down returned, or a buffer of this
