@@ -228,7 +228,8 @@ def nbdsh(uri, script):
 
 @pytest.mark.parametrize("names,submitted", [
     (["noextents"], True), (["scan"], True), (["cacheextents"], True),
-    (["noextents", "rate"], False), (["blocksize"], False)])
+    (["blocksize"], True), (["retry"], True),
+    (["noextents", "rate"], False), (["readahead"], False)])
 def test_the_server_submits_only_through_filters_that_allow_it(
         tmp_path, names, submitted):
     top, memory = stack(names, MemoryBackend(DATA, asynchronous=True))
