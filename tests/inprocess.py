@@ -5,6 +5,7 @@ import contextlib
 import socket
 import threading
 
+from vddktool.engine import SHUTTING_DOWN
 from vddktool.server import Server, ServerSettings
 
 
@@ -24,4 +25,7 @@ def serving(backend, tmp_path, **settings):
         server.shutdown()
         thread.join(30)
         listener.close()
+        # A stopping server tells every waiting filter so (a process-wide
+        # flag, set for good in a real server): the next test starts anew.
+        SHUTTING_DOWN.clear()
     assert not thread.is_alive(), "the server did not stop"

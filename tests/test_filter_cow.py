@@ -11,7 +11,7 @@ from conftest import need, run
 from fake_vddk.fixtures import fake_vddk  # noqa: F401 (a fixture)
 from filter_oracle import (assert_same_info, block_map, contents, flat_vmdk,
                            nbdsh, side_by_side)
-from test_vddk_async import most_in_flight
+from test_vddk_async import SLOW_PAUSE_US, most_in_flight
 from vmdk_fixtures import random_disk
 
 MiB = 1024 * 1024
@@ -163,6 +163,7 @@ def test_over_vddk_reads_are_submitted_with_the_same_outcome(
     data = random_disk(4 * MiB, seed=11, hole_every=5, zero_every=7,
                        chunk=64 * 1024)
     fake_vddk.env["FAKE_VDDK_RECORD_COMPLETIONS"] = "1"
+    fake_vddk.env["FAKE_VDDK_ASYNC_DELAY_US"] = SLOW_PAUSE_US
     disk = fake_vddk.local_disk(size=4 * MiB, data=data)
     before = checksum(disk)
     descriptor, _ = flat_vmdk(str(tmp_path), "native", data)

@@ -13,6 +13,9 @@ from test_vddk_engine import backend_for, steer  # noqa: F401 (fixtures)
 from test_vddk_serve import nbdsh, pattern, serve
 
 MiB = 1024 * 1024
+# A pause of up to 20 ms per request: requests submitted together are
+# still in flight together however loaded the machine is.
+SLOW_PAUSE_US = "20000"
 
 
 def most_in_flight(calls):
@@ -177,6 +180,7 @@ def test_a_filter_that_changes_reads_keeps_requests_overlapping(
         fake_vddk, start_server, tmp_path, filters):
     """cow reads for itself, and submits the reads of blocks it does not
     hold: requests overlap through it, and through retry below it."""
+    fake_vddk.env["FAKE_VDDK_ASYNC_DELAY_US"] = SLOW_PAUSE_US
     fake_vddk.env["FAKE_VDDK_RECORD_COMPLETIONS"] = "1"
     data = pattern(16 * MiB)
     server = serve(start_server, fake_vddk, *filters + [
@@ -194,6 +198,7 @@ def test_kubevirt_cdi_stack_submits_and_recovers_from_a_fault(
     flight on one connection.  A read that fails is retried after one
     reopen, and the copy comes out whole.  (That a reopen waits for the
     requests running beside it: test_filter_retry.py.)"""
+    fake_vddk.env["FAKE_VDDK_ASYNC_DELAY_US"] = SLOW_PAUSE_US
     fake_vddk.env["FAKE_VDDK_RECORD_COMPLETIONS"] = "1"
     data = pattern(16 * MiB)
     disk = fake_vddk.local_disk(size=16 * MiB, data=data)
@@ -308,6 +313,7 @@ def test_a_submitted_write_that_fails_is_retried_and_lands(
         fake_vddk, start_server, tmp_path):
     """Writes through retry stay submitted; one that fails is written
     again after a reopen, and the disk ends up as the client wrote it."""
+    fake_vddk.env["FAKE_VDDK_ASYNC_DELAY_US"] = SLOW_PAUSE_US
     fake_vddk.env["FAKE_VDDK_RECORD_COMPLETIONS"] = "1"
     disk = fake_vddk.local_disk(size=8 * MiB, data=bytes(8 * MiB))
     fake_vddk.fail_write_at(5 * MiB + 512, times=1)
@@ -333,6 +339,7 @@ def test_the_seeds_blocksize_remedy_splits_submitted_requests(
     ESXi running out of memory): 4 MiB requests reach VDDK as 2 MiB parts
     in flight together, both ways; an unaligned write still lands, by
     read-modify-write."""
+    fake_vddk.env["FAKE_VDDK_ASYNC_DELAY_US"] = SLOW_PAUSE_US
     fake_vddk.env["FAKE_VDDK_RECORD_COMPLETIONS"] = "1"
     disk = fake_vddk.local_disk(size=32 * MiB, data=bytes(32 * MiB))
     server = serve(start_server, fake_vddk, "--filter=blocksize",

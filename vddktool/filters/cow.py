@@ -287,9 +287,9 @@ class CowEngine(FilterEngine):
                     out, lo - offset, 0, hi - lo, tally))
 
     def _copied_up(self, first, blocks, out, at, skip, length, tally):
-        """The same, once the whole blocks read are in the overlay (the
-        blocks written meanwhile excepted: the client's write came
-        first)."""
+        """A completion for a read of whole blocks to copy up: stores them
+        in the overlay (but for blocks written meanwhile: the client's
+        write came first), then puts the part asked for into ``out``."""
         place = placed_into(out, at, skip, length, tally)
 
         def done(error, data):

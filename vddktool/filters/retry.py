@@ -149,9 +149,11 @@ class RetryEngine(FilterEngine):
             if error is None or not self._worth_retrying(error):
                 done(error, data)
                 return
-            threading.Thread(target=self._retry_submitted, name="nbd-retry",
-                             args=(name, call, (error, generation), done)
-                             ).start()
+            retrying = threading.Thread(
+                target=self._retry_submitted, name="nbd-retry",
+                args=(name, call, (error, generation), done))
+            retrying.daemon = True  # a server stopping ends its waits
+            retrying.start()
         if engine is None:
             finished(EngineError(errno.ESHUTDOWN, "the disk could not be "
                                  "reopened"), None)
