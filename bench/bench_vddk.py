@@ -24,6 +24,9 @@ does not advertise multi-conn):
                            retry), on every server alike
   cdi-read-pause           the same through KubeVirt CDI's filters
                            (--filter=retry --filter=cacheextents)
+  blocksize-read-pause     the same through the seed's remedy for ESXi
+                           running out of memory (--filter=blocksize
+                           minblock=512 maxdata=2M)
 
 Servers: ``vddktool vddk`` (backend=vddk), ``nbdkit vddk`` (only with
 --nbdkit-vddk PLUGIN.so: Debian does not package it; build it from
@@ -48,10 +51,12 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from fake_vddk.build import build  # noqa: E402
 
 WORKLOADS = ("read-pause", "read-1us", "write-pause", "write-1us",
-             "read-pool", "write-pool", "v2v-read-pause", "cdi-read-pause")
+             "read-pool", "write-pool", "v2v-read-pause", "cdi-read-pause",
+             "blocksize-read-pause")
 FILTERS = {
     "v2v": ["--filter=cow", "--filter=cacheextents", "--filter=retry"],
     "cdi": ["--filter=retry", "--filter=cacheextents"],
+    "blocksize": ["--filter=blocksize", "minblock=512", "maxdata=2M"],
 }
 ONE_MICROSECOND = {"FAKE_VDDK_ASYNC_DELAY_US": "1"}
 FOUR_COMPLETION_THREADS = {"FAKE_VDDK_COMPLETION_THREADS": "4"}
@@ -85,23 +90,27 @@ class Bench(Workspace):
             FOUR_COMPLETION_THREADS if workload.endswith("pool") else {}
         writing = workload.startswith("write")
         mode = [] if writing else ["-r"]
-        mode += FILTERS.get(workload.split("-")[0], [])
+        # nbdkit takes the filters before the plugin, their parameters
+        # after it; vddktool either way.
+        stack = FILTERS.get(workload.split("-")[0], [])
+        mode += [word for word in stack if word.startswith("--")]
+        params = [word for word in stack if not word.startswith("--")]
         suffix = workload + ".raw"
         disk = self.disk_copy("vddktool-" + suffix) if writing \
             else self.source
         sock = self.sock()
         served = [Served("vddktool vddk",
                          [self.python, "-m", "vddktool", "-f", "-U", sock]
-                         + mode + ["libdir=" + self.libdir, "file=" + disk],
-                         sock, env)]
+                         + mode + ["libdir=" + self.libdir, "file=" + disk]
+                         + params, sock, env)]
         if self.nbdkit_vddk:
             disk = self.disk_copy("nbdkit-" + suffix) if writing \
                 else self.source
             sock = self.sock()
             served.append(Served(
                 "nbdkit vddk", ["nbdkit", "-f", "-U", sock] + mode +
-                [self.nbdkit_vddk, "libdir=" + self.libdir, "file=" + disk],
-                sock, env))
+                [self.nbdkit_vddk, "libdir=" + self.libdir, "file=" + disk]
+                + params, sock, env))
         extent = self.disk_copy("native-" + suffix) if writing \
             else self.source
         vmdk = self.path("native-%s.vmdk" % workload)
@@ -109,7 +118,8 @@ class Bench(Workspace):
         sock = self.sock()
         served.append(Served("vddktool native",
                              [self.python, "-m", "vddktool", "-f", "-U",
-                              sock] + mode + ["file=" + vmdk], sock))
+                              sock] + mode + ["file=" + vmdk] + params,
+                             sock))
         return served
 
     def run(self, workload, runs):
@@ -126,7 +136,7 @@ class Bench(Workspace):
 
 def report(workload, size, medians):
     ours = dict(medians)["vddktool vddk"]
-    line = ["%-12s" % workload]
+    line = ["%-20s" % workload]
     for name, seconds in medians:
         text = "%s %5.2f s %5.0f MiB/s" % (name, seconds, size / seconds)
         if name != "vddktool vddk":
