@@ -18,6 +18,16 @@ MiB = 1024 * 1024
 SLOW_PAUSE_US = "20000"
 
 
+def copied_out(server, tmp_path):
+    """The disk as nbdcopy reads it on one connection, 32 requests of
+    64 KiB in flight."""
+    out = str(tmp_path / "copy.raw")
+    run([need("nbdcopy"), "--connections=1", "--requests=32",
+         "--request-size=65536", server.uri, out])
+    with open(out, "rb") as f:
+        return f.read()
+
+
 def most_in_flight(calls):
     """The largest number of async requests the fake held at once, from
     its record of submissions and completions."""
@@ -37,11 +47,7 @@ def test_one_connection_keeps_many_reads_in_flight(fake_vddk, start_server,
     data = pattern(16 * MiB)
     server = serve(start_server, fake_vddk,
                    fake_vddk.local_disk(size=16 * MiB, data=data))
-    out = str(tmp_path / "copy.raw")
-    run([need("nbdcopy"), "--connections=1", "--requests=32",
-         "--request-size=65536", server.uri, out])
-    with open(out, "rb") as f:
-        assert f.read() == data
+    assert copied_out(server, tmp_path) == data
     calls = fake_vddk.calls()
     assert len([c for c in calls if c.name == "ReadAsync"]) >= 256
     # With the fake's 0-2 ms pause, one at a time would be 1.
@@ -205,11 +211,7 @@ def test_kubevirt_cdi_stack_submits_and_recovers_from_a_fault(
     fake_vddk.fail_read_at(8 * MiB + 4096, times=1)
     server = serve(start_server, fake_vddk, "-r", "--filter=retry",
                    "--filter=cacheextents", "retry-delay=1", disk)
-    out = str(tmp_path / "copy.raw")
-    run([need("nbdcopy"), "--connections=1", "--requests=32",
-         "--request-size=65536", server.uri, out])
-    with open(out, "rb") as f:
-        assert f.read() == data
+    assert copied_out(server, tmp_path) == data
     calls = fake_vddk.calls()
     assert most_in_flight(calls) >= 8
     names = [c.name for c in calls if c.name in ("Open", "Close")]

@@ -188,19 +188,26 @@ class CowEngine(FilterEngine):
         return True
 
     # --- reads ------------------------------------------------------------
-    def pread(self, count, offset, flags=0):
+    def _runs(self, offset, count):
+        """(state, first block, blocks, lo, hi) for each run of blocks in
+        one state that [offset, offset + count) touches; [lo, hi) is the
+        part of the range the run holds."""
         size = self.block
         end = offset + count
         block = offset // size
         last = (end - 1) // size
-        copy_up = self.backend.copies_on_read()
-        out = None
         while block <= last:
             state, run = self.overlay.run(block, last - block + 1)
-            lo = max(block * size, offset)
-            hi = min((block + run) * size, end)
-            if state == NOT_COPIED and not copy_up and lo == offset and \
-                    hi == end:
+            yield (state, block, run, max(block * size, offset),
+                   min((block + run) * size, end))
+            block += run
+
+    def pread(self, count, offset, flags=0):
+        size = self.block
+        copy_up = self.backend.copies_on_read()
+        out = None
+        for state, block, run, lo, hi in self._runs(offset, count):
+            if state == NOT_COPIED and not copy_up and hi - lo == count:
                 return self.next.pread(count, offset, flags)
             if out is None:
                 out = bytearray(count)
@@ -214,7 +221,6 @@ class CowEngine(FilterEngine):
                 out[lo - offset:hi - offset] = data
             elif state == COPIED:
                 out[lo - offset:hi - offset] = self.overlay.read(hi - lo, lo)
-            block += run
         return out
 
     def _from_disk(self, block, count):
@@ -243,19 +249,12 @@ class CowEngine(FilterEngine):
     # --- submitted: the server's asynchronous path ------------------------
     def submit_pread(self, count, offset, flags, done):
         size = self.block
-        end = offset + count
-        block = offset // size
-        last = (end - 1) // size
         copy_up = self.backend.copies_on_read()
         below = []      # (lo, hi, first block, blocks) to read from the disk
         out = None
         try:
-            while block <= last:
-                state, run = self.overlay.run(block, last - block + 1)
-                lo = max(block * size, offset)
-                hi = min((block + run) * size, end)
-                if state == NOT_COPIED and not copy_up and lo == offset and \
-                        hi == end:
+            for state, block, run, lo, hi in self._runs(offset, count):
+                if state == NOT_COPIED and not copy_up and hi - lo == count:
                     # Nothing of it in the overlay: straight down.
                     self.next.submit_pread(count, offset, flags, done)
                     return
@@ -266,7 +265,6 @@ class CowEngine(FilterEngine):
                 elif state == COPIED:
                     out[lo - offset:hi - offset] = self.overlay.read(hi - lo,
                                                                      lo)
-                block += run
         except Exception as exc:
             done(exc, None)
             return

@@ -249,14 +249,8 @@ class RetryEngine(FilterEngine):
                      self._read_call("pread", count, offset, flags), done)
 
     def submit_pwrite(self, buf, offset, flags, done):
-        count = memoryview(buf).nbytes
-
-        def start(engine, finished):
-            self._refuse_writes(flags, engine, "can_write")
-            self._in_range(engine, count, offset, True)
-            engine.submit_pwrite(buf, offset, flags, finished)
-        self._submit("pwrite", start, self._write_call(
-            "pwrite", "can_write", count, offset, flags, buf), done)
+        self._submit_writing("pwrite", "can_write", memoryview(buf).nbytes,
+                             offset, flags, buf, done)
 
     def submit_zero(self, count, offset, flags, done):
         try:
@@ -264,13 +258,20 @@ class RetryEngine(FilterEngine):
         except EngineError as exc:
             done(exc, None)
             return
+        self._submit_writing("zero", "can_zero", count, offset, flags, count,
+                             done)
 
+    def _submit_writing(self, method, capability, count, offset, flags,
+                        first, done):
+        """submit_pwrite or submit_zero (``first``: the data or the
+        count), with the checks the synchronous call makes."""
         def start(engine, finished):
-            self._refuse_writes(flags, engine, "can_zero")
+            self._refuse_writes(flags, engine, capability)
             self._in_range(engine, count, offset, True)
-            engine.submit_zero(count, offset, flags, finished)
-        self._submit("zero", start, self._write_call(
-            "zero", "can_zero", count, offset, flags, count), done)
+            getattr(engine, "submit_" + method)(first, offset, flags,
+                                                finished)
+        self._submit(method, start, self._write_call(
+            method, capability, count, offset, flags, first), done)
 
     def flush(self, flags=0):
         def flush(engine):
