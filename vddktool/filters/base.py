@@ -14,7 +14,8 @@ import collections
 import threading
 
 from .. import log
-from ..engine import PARALLEL, Backend, Extent, UsageError, in_memory
+from ..engine import (PARALLEL, Backend, Extent, Tally, UsageError,
+                      in_memory)
 from ..layers import FilterEngine
 
 # How a connection opened its engine, kept so that the engine below can
@@ -204,6 +205,13 @@ def finish_at_once(done, call, *args):
         done(exc, None)
     else:
         done(None, data)
+
+
+def reassembled(parts, out, done):
+    """The engine.Tally of a read split in ``parts`` parts that fill
+    ``out``: ``done`` gets ``out`` once all are in, or the first error."""
+    return Tally(parts, lambda error, _: done(
+        error, out if error is None else None))
 
 
 def placed_into(out, at, skip, length, tally):

@@ -26,7 +26,7 @@ from ..engine import (FLAG_FAST_ZERO, FLAG_FUA, FUA_NATIVE, EngineError,
                       Extent, Tally, in_memory)
 from ..layers import FilterEngine
 from .base import (FilterBackend, RWLock, clip_extents, finish_at_once,
-                   placed_into)
+                   placed_into, reassembled)
 
 DEFAULT_MAXDATA = 64 * 1024 * 1024
 # What the client is told it may send: anything the protocol carries.
@@ -178,8 +178,7 @@ class BlocksizeEngine(FilterEngine):
         else:
             out = bytearray(count)
             parts = range(0, count, most)
-            tally = Tally(len(parts), lambda error, _: done(
-                error, out if error is None else None))
+            tally = reassembled(len(parts), out, done)
             for start in parts:
                 length = min(most, count - start)
                 self.next.submit_pread(length, offset + start, flags,
@@ -193,7 +192,9 @@ class BlocksizeEngine(FilterEngine):
             finish_at_once(done, self.pwrite, buf, offset, flags)
             return
         parts = range(0, count, most)
-        if len(parts) > 1:
+        if not parts:
+            done(None, None)
+        elif len(parts) > 1:
             done = Tally(len(parts), done).one_done
         for start in parts:
             self._submit_shared(self.next.submit_pwrite,

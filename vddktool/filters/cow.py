@@ -30,10 +30,10 @@ import threading
 
 from ..engine import (CACHE_EMULATE, CACHE_NATIVE, EXTENT_HOLE, EXTENT_ZERO,
                       FLAG_FAST_ZERO, FLAG_REQ_ONE, FUA_NATIVE, EngineError,
-                      Extent, Tally, UsageError, in_memory)
+                      Extent, UsageError, in_memory)
 from ..layers import FilterEngine
 from .base import (FilterBackend, clip_extents, finish_at_once,
-                   placed_into)
+                   placed_into, reassembled)
 
 DEFAULT_TMPDIR = "/var/tmp"
 
@@ -269,10 +269,9 @@ class CowEngine(FilterEngine):
             done(exc, None)
             return
         if not below:
-            done(None, out)
+            done(None, out if out is not None else bytearray())
             return
-        tally = Tally(len(below), lambda error, _: done(
-            error, out if error is None else None))
+        tally = reassembled(len(below), out, done)
         for lo, hi, first, blocks in below:
             if copy_up:
                 start = first * size
