@@ -229,7 +229,7 @@ def nbdsh(uri, script):
 @pytest.mark.parametrize("names,submitted", [
     (["noextents"], True), (["scan"], True), (["cacheextents"], True),
     (["blocksize"], True), (["retry"], True),
-    (["noextents", "rate"], False), (["readahead"], False)])
+    (["noextents", "rate"], True), (["readahead"], False)])
 def test_the_server_submits_only_through_filters_that_allow_it(
         tmp_path, names, submitted):
     top, memory = stack(names, MemoryBackend(DATA, asynchronous=True))

@@ -9,7 +9,10 @@ import pytest
 
 from conftest import need, run
 from filter_oracle import flat_vmdk, side_by_side
+from memory_engine import MemoryBackend
+from vddktool import params
 from vddktool.filters import rate as rate_filter
+from vddktool.filters.rate import RateFilter
 from vmdk_fixtures import random_disk
 
 MiB = 1024 * 1024
@@ -59,6 +62,27 @@ def test_an_idle_bucket_fills_up_to_its_capacity_only(clock):
 def test_no_rate_means_no_limit(clock):
     rate_filter.Bucket(None, 2.0).consume(10 ** 12)
     assert clock.slept == 0
+
+
+def test_submitted_requests_wait_for_their_tokens_then_go_down(clock):
+    """Over an engine that submits, the rate still holds: each request
+    waits for its tokens, then is submitted as it was."""
+    below = MemoryBackend(bytes(4 * MiB), asynchronous=True)
+    settings = params.defaults()
+    settings["connection-rate"] = 8 * MiB      # 1 MiB/s, 2 s of burst
+    engine = RateFilter(below, settings).open_engine("", False)
+    assert engine.can_submit()
+    answers = []
+    for index in range(16):                    # 4 MiB in 256K pieces
+        engine.submit_pread(256 * 1024, index * 256 * 1024, 0,
+                            lambda error, data: answers.append(error))
+    assert answers == [None] * 16
+    assert clock.slept == pytest.approx(2.0)   # 2 MiB of burst, then 1/s
+    assert len(below.calls_named("submit_pread")) == 16
+    engine.submit_pwrite(bytearray(MiB), 0, 0,
+                         lambda error, data: answers.append(error))
+    assert clock.slept == pytest.approx(2.0)   # writes: a bucket apart
+    assert below.calls_named("submit_pwrite")
 
 
 def test_a_rate_file_changes_the_rate(clock, tmp_path):

@@ -10,7 +10,8 @@ times 8 from the connection's bucket and from the global one, sleeping
 while either is short.  rate-file= and connection-rate-file= name a file
 whose first line, read before each request, sets a new rate (a missing
 or unreadable file changes nothing).  Zeroes and trims carry no data and
-are free.
+are free.  Over an engine that can submit (VDDK), requests stay
+submitted once they have their tokens.
 """
 
 import threading
@@ -121,6 +122,21 @@ class RateEngine(FilterEngine):
     def pwrite(self, buf, offset, flags=0):
         self._throttle(self.writes, memoryview(buf).nbytes)
         return self.next.pwrite(buf, offset, flags)
+
+    # Submitted requests wait for their tokens on the thread that submits
+    # them (the connection's reader, which then reads no further request
+    # meanwhile), and go down as they were: the rate holds, and what it
+    # allows stays in flight together.
+    def submit_pread(self, count, offset, flags, done):
+        self._throttle(self.reads, count)
+        self.next.submit_pread(count, offset, flags, done)
+
+    def submit_pwrite(self, buf, offset, flags, done):
+        self._throttle(self.writes, memoryview(buf).nbytes)
+        self.next.submit_pwrite(buf, offset, flags, done)
+
+    def recycle(self, data):
+        self.next.recycle(data)     # reads pass through untouched
 
 
 class RateFilter(FilterBackend):
