@@ -16,26 +16,24 @@ from vmdk_fixtures import random_disk
 
 MiB = 1024 * 1024
 
-CHANGES = """
-h.pwrite(b'\\x11' * 1000, 100)
-h.pwrite(b'\\x22' * 200000, 65536 * 3 + 17)
-h.pwrite(b'\\x33' * 65536, 65536 * 8)
-h.trim(65536 * 2, 65536 * 10)
-h.trim(5000, 65536 * 13 + 300)
-h.pwrite(b'\\x44' * 512, 65536 * 31 - 512, nbd.CMD_FLAG_FUA)
-h.flush()
-"""
+def changes(unit=1):
+    """An nbdsh script of writes and trims across block edges, then a
+    flush; every odd offset and length rounded up to a multiple of
+    ``unit`` (512: whole sectors, as VDDK takes them)."""
+    def up(n):
+        return -(-n // unit) * unit
+    return "\n".join([
+        "h.pwrite(b'\\x11' * %d, %d)" % (up(1000), up(100)),
+        "h.pwrite(b'\\x22' * %d, 65536 * 3 + %d)" % (up(200000), up(17)),
+        "h.pwrite(b'\\x33' * 65536, 65536 * 8)",
+        "h.trim(65536 * 2, 65536 * 10)",
+        "h.trim(%d, 65536 * 13 + %d)" % (up(5000), up(300)),
+        "h.pwrite(b'\\x44' * 512, 65536 * 31 - 512, nbd.CMD_FLAG_FUA)",
+        "h.flush()", ""])
 
-# The same in whole sectors, as VDDK takes them.
-SECTOR_CHANGES = """
-h.pwrite(b'\\x11' * 1024, 512)
-h.pwrite(b'\\x22' * 200192, 65536 * 3 + 512)
-h.pwrite(b'\\x33' * 65536, 65536 * 8)
-h.trim(65536 * 2, 65536 * 10)
-h.trim(5120, 65536 * 13 + 512)
-h.pwrite(b'\\x44' * 512, 65536 * 31 - 512, nbd.CMD_FLAG_FUA)
-h.flush()
-"""
+
+CHANGES = changes()
+SECTOR_CHANGES = changes(512)
 
 
 def checksum(path):

@@ -39,6 +39,12 @@ def _pause(seconds):
     return SHUTTING_DOWN.wait(seconds)
 
 
+def _not_reopened():
+    """The error of a request made while the disk is closed: the last
+    reopen failed (the request's own retries may try another)."""
+    return EngineError(errno.ESHUTDOWN, "the disk could not be reopened")
+
+
 class RetryEngine(FilterEngine):
     replaces_next = True
 
@@ -81,8 +87,7 @@ class RetryEngine(FilterEngine):
                 engine, generation = self._enter()
                 try:
                     if engine is None:
-                        raise EngineError(errno.ESHUTDOWN, "the disk could "
-                                          "not be reopened")
+                        raise _not_reopened()
                     return call(engine)
                 except EngineError as exc:
                     if exc.expected:
@@ -155,8 +160,7 @@ class RetryEngine(FilterEngine):
             retrying.daemon = True  # a server stopping ends its waits
             retrying.start()
         if engine is None:
-            finished(EngineError(errno.ESHUTDOWN, "the disk could not be "
-                                 "reopened"), None)
+            finished(_not_reopened(), None)
             return
         try:
             start(engine, finished)
